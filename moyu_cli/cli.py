@@ -1,0 +1,293 @@
+"""The `moyu` command line: thin Typer wiring over the library functions.
+
+Each command parses options, calls one library function and prints the result. User mistakes
+raise `MoyuError` and are printed as one line with exit code 1; set MOYU_DEBUG=1 for a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from .errors import MoyuError
+
+app = typer.Typer(
+    name="moyu",
+    help="Convert dense Hugging Face LLM checkpoints into activation-sparse (MOYU) models.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True)
+
+ModelDirArg = Annotated[Path, typer.Argument(help="Checkpoint directory: config.json plus safetensors weights.")]
+OutputOpt = Annotated[Path, typer.Option("--output", "-o", help="Path to write; must not exist unless --overwrite.")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output (the input is never touched).")]
+AllowPickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Allow loading pickle (.bin) weights, which can run code.")]
+BackendOpt = Annotated[str, typer.Option("--backend", help="Kernel backend: auto, torch (reference), cpu or triton.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="Compute dtype: float32, bfloat16 or float16.")]
+ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch (default: torch's choice).")]
+
+
+def _dtype(name: str):
+    import torch
+
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in dtypes:
+        raise MoyuError(f"unknown --dtype {name!r}; choose one of {', '.join(dtypes)}")
+    return dtypes[name]
+
+
+def _threads(count: Optional[int]) -> None:
+    if count is not None:
+        import torch
+
+        torch.set_num_threads(count)
+
+
+def _progress(description: str, quiet: bool):
+    """Return (context, callback) for a rich progress bar, or a no-op when quiet or not a TTY."""
+    if quiet or not sys.stderr.isatty():
+        class _Null:
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                return False
+
+        return _Null(), None
+    progress = Progress(
+        TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=err_console
+    )
+    task = progress.add_task(description, total=None)
+
+    def update(done: int, total: int) -> None:
+        progress.update(task, completed=done, total=total)
+
+    return progress, update
+
+
+@app.command("import-gguf")
+def import_gguf_command(
+    gguf_file: Annotated[Path, typer.Argument(help="GGUF file to dequantize.")],
+    output: OutputOpt,
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Turn a GGUF file into a float32 safetensors checkpoint directory.
+
+    Example: moyu import-gguf SmolLM2-135M-Instruct.Q4_1.gguf --output models/smollm2-135m
+    """
+    from .checkpoint import import_gguf
+
+    out = import_gguf(gguf_file, output, overwrite=overwrite)
+    console.print(f"wrote {out}")
+
+
+@app.command()
+def inspect(model_dir: ModelDirArg, allow_pickle: AllowPickleOpt = False) -> None:
+    """List the decoder linear modules and gated MLPs that recipes can target.
+
+    Example: moyu inspect models/smollm2-135m
+    """
+    from .architecture import discover
+    from .checkpoint import load_model
+
+    model, _ = load_model(model_dir, allow_pickle=allow_pickle)
+    layout = discover(model)
+    table = Table("module", "kind", "shape (out x in)")
+    for name, linear in layout.linears.items():
+        table.add_row(name, "linear", f"{linear.out_features} x {linear.in_features}")
+    for name in layout.mlps:
+        table.add_row(name, "gated_mlp", "")
+    console.print(table)
+    console.print(f"{len(layout.linears)} linear modules and {len(layout.mlps)} gated MLPs under {layout.layers_path}")
+
+
+@app.command()
+def calibrate(
+    model_dir: ModelDirArg,
+    data: Annotated[list[str], typer.Option("--data", help="Text: .txt/.raw/.jsonl files, or a dataset id such as wikitext:wikitext-2-raw-v1:validation. Repeatable.")],
+    output: OutputOpt,
+    tokens: Annotated[int, typer.Option("--tokens", help="Token budget (default 32768 = 64 windows of 512).")] = 32768,
+    window: Annotated[int, typer.Option("--window", help="Tokens per forward pass.")] = 512,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for drawing windows from the text.")] = 0,
+    dtype: DtypeOpt = "float32",
+    overwrite: OverwriteOpt = False,
+    allow_pickle: AllowPickleOpt = False,
+    threads: ThreadsOpt = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Stream per-module activation statistics of real text into a calibration file.
+
+    Example: moyu calibrate models/smollm2-135m --data wikitext-2/valid.txt --output smollm2.calib
+    """
+    from .calibrate import calibrate as run
+
+    _threads(threads)
+    bar, update = _progress("calibrating", quiet or as_json)
+    with bar:
+        metadata = run(model_dir, data, output, tokens=tokens, window=window, seed=seed, dtype=_dtype(dtype),
+                       overwrite=overwrite, allow_pickle=allow_pickle, progress=update)
+    if as_json:
+        print(json.dumps({k: v for k, v in metadata.items() if k != "site_of"}, indent=2))
+        return
+    sites = len(set(metadata["site_of"].values()))
+    console.print(f"wrote {output}: {metadata['tokens']} tokens, {sites} sites, {metadata['seconds']} s")
+
+
+@app.command()
+def convert(
+    model_dir: ModelDirArg,
+    calibration: Annotated[Path, typer.Option("--calibration", "-c", help="File written by moyu calibrate.")],
+    recipe: Annotated[str, typer.Option("--recipe", "-r", help="Recipe YAML path, or a shipped recipe name such as teal-uniform.")],
+    output: OutputOpt,
+    sparsity: Annotated[Optional[float], typer.Option("--sparsity", help="Override the recipe's target sparsity (fraction, e.g. 0.5).")] = None,
+    eval_data: Annotated[Optional[list[str]], typer.Option("--eval-data", help="Text to measure perplexity on at convert time (default: the calibration text, in-sample).")] = None,
+    eval_windows: Annotated[int, typer.Option("--eval-windows", help="Windows evaluated at convert time; 0 skips it.")] = 8,
+    overwrite: OverwriteOpt = False,
+    allow_pickle: AllowPickleOpt = False,
+    threads: ThreadsOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Apply a recipe to a checkpoint and export a self-describing MOYU directory.
+
+    Example: moyu convert models/smollm2-135m -c smollm2.calib -r teal-uniform --sparsity 0.5 -o smollm2-teal50
+    """
+    from .export import convert as run
+    from .recipe import load_recipe
+
+    _threads(threads)
+    resolved = load_recipe(recipe)
+    if sparsity is not None:
+        resolved = resolved.with_sparsity(sparsity)
+    config = run(model_dir, calibration, resolved, output, eval_data=eval_data, eval_windows=eval_windows,
+                 overwrite=overwrite, allow_pickle=allow_pickle)
+    if as_json:
+        print(json.dumps(config, indent=2))
+        return
+    evaluation = config["evaluation"]
+    console.print(f"wrote {output}: recipe {resolved.name} at {resolved.sparsity:.0%}, {len(config['modules'])} sparse modules")
+    if evaluation:
+        console.print(
+            f"perplexity {evaluation['perplexity']:.2f} on {evaluation['text']} ({evaluation['windows']} windows, "
+            f"{evaluation['protocol']}), model-wide sparsity {evaluation['model_sparsity']:.1%}"
+        )
+
+
+@app.command("eval")
+def evaluate(
+    model_dir: Annotated[Path, typer.Argument(help="MOYU export or plain checkpoint directory.")],
+    data: Annotated[list[str], typer.Option("--data", help="Evaluation text (.txt/.raw/.jsonl or dataset id). Repeatable.")],
+    window: Annotated[int, typer.Option("--window", help="Tokens per window.")] = 512,
+    windows: Annotated[int, typer.Option("--windows", help="Maximum number of windows; 0 means all.")] = 64,
+    protocol: Annotated[str, typer.Option("--protocol", help="strict: every position sparsified; half-dense: first half of each window dense.")] = "strict",
+    dense: Annotated[bool, typer.Option("--dense", help="Evaluate the same weights with sparsity turned off.")] = False,
+    backend: BackendOpt = "torch",
+    per_module: Annotated[bool, typer.Option("--per-module", help="Print the realized sparsity of every module.")] = False,
+    threads: ThreadsOpt = None,
+    allow_pickle: AllowPickleOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Measure perplexity and realized sparsity per module on real text.
+
+    Example: moyu eval smollm2-teal50 --data wikitext-2-raw/wiki.test.raw --windows 64
+    """
+    from .data import read_text
+    from .evaluate import perplexity
+    from .export import load
+    from .modeling import sparsity_control
+    from transformers import AutoTokenizer
+
+    _threads(threads)
+    model = load(model_dir, backend=backend, allow_pickle=allow_pickle)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    sources = [read_text(spec) for spec in data]
+    bar, update = _progress("evaluating", as_json)
+    with bar, sparsity_control(model, enabled=not dense):
+        result = perplexity(model, tokenizer, sources, window=window, max_windows=windows or None, protocol=protocol, progress=update)
+    if as_json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return
+    _print_eval(result, per_module)
+
+
+def _print_eval(result, per_module: bool) -> None:
+    console.print(
+        f"perplexity {result.perplexity:.3f} ({result.protocol}: {result.windows} windows of {result.window} tokens, "
+        f"{result.targets} targets, BOS {'on' if result.bos else 'off'}, {result.seconds} s)"
+    )
+    if not result.module_sparsity:
+        console.print("dense model: no sparse modules")
+        return
+    values = list(result.module_sparsity.values())
+    console.print(
+        f"realized sparsity: model-wide {result.model_sparsity:.1%} of decoder linear weights skipped; "
+        f"per module min {min(values):.1%}, mean {sum(values) / len(values):.1%}, max {max(values):.1%}"
+    )
+    if per_module:
+        table = Table("module", "realized sparsity")
+        for name, value in result.module_sparsity.items():
+            table.add_row(name, f"{value:.1%}")
+        console.print(table)
+
+
+@app.command()
+def generate(
+    model_dir: Annotated[Path, typer.Argument(help="MOYU export or plain checkpoint directory.")],
+    prompt: Annotated[str, typer.Argument(help="Prompt text.")],
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Tokens to generate.")] = 64,
+    temperature: Annotated[float, typer.Option("--temperature", help="0 means greedy decoding.")] = 0.0,
+    seed: Annotated[int, typer.Option("--seed", help="Sampling seed.")] = 0,
+    chat: Annotated[bool, typer.Option("--chat", help="Wrap the prompt in the tokenizer's chat template.")] = False,
+    backend: BackendOpt = "auto",
+    threads: ThreadsOpt = None,
+    allow_pickle: AllowPickleOpt = False,
+) -> None:
+    """Generate text with the sparse model.
+
+    Example: moyu generate smollm2-teal50 "The capital of France is"
+    """
+    from .generate import generate as run
+
+    _threads(threads)
+    result = run(model_dir, prompt, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+                 chat=chat, backend=backend, allow_pickle=allow_pickle)
+    console.print(result.text, markup=False, highlight=False)
+    err_console.print(
+        f"[{result.new_tokens} tokens in {result.seconds:.2f} s, {result.new_tokens / result.seconds:.1f} tokens/s, "
+        f"backend {result.backend}, prefill {result.prefill}]"
+    )
+
+
+def main() -> None:
+    """Entry point: run the app and turn user errors into one line and exit code 1."""
+    logging.basicConfig(level=os.environ.get("MOYU_LOG", "WARNING").upper(), format="%(levelname)s %(name)s: %(message)s")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # moyu draws its own progress; the per-load weight bars are noise
+    try:
+        app()
+    except MoyuError as exc:
+        if os.environ.get("MOYU_DEBUG") == "1":
+            raise
+        err_console.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        err_console.print("interrupted; no partial output was left behind")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,174 @@
+"""Convert a checkpoint with a recipe and calibration, and load the exported MOYU directory.
+
+Export format (format version 1), one directory:
+- `config.json`, `generation_config.json`, tokenizer files: copied from the input checkpoint.
+- `model.safetensors` (or the input's shards and index): the dense weights, unchanged, so plain
+  transformers loads the directory as an ordinary dense model.
+- `moyu.json`: format version, the resolved recipe, the per-module plan (kind, target sparsity,
+  calibrated sparsity, threshold summary), calibration provenance and the evaluation measured at
+  convert time.
+- `moyu_thresholds.safetensors`: one float32 tensor per sparse module, `<module>.threshold`,
+  `[K]` per input channel (or per MLP neuron for gated_mlp).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from . import __version__
+from .architecture import discover
+from .calibrate import load_calibration
+from .checkpoint import atomic_directory, check_checkpoint, checkpoint_hash, load_model, prepare_output
+from .data import read_text
+from .errors import CheckpointError, MoyuError
+from .evaluate import perplexity
+from .modeling import ModulePlan, apply_plan
+from .observers import fraction_at_or_below
+from .recipe import Recipe, parse_recipe
+from .sparsify import plan_from_recipe
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MOYU_CONFIG = "moyu.json"
+THRESHOLDS_FILE = "moyu_thresholds.safetensors"
+COPIED_SUFFIXES = (".json", ".jinja", ".model", ".txt", ".safetensors")
+
+
+def _copy_checkpoint(source: Path, target: Path) -> None:
+    for file in sorted(source.iterdir()):
+        if file.is_file() and file.suffix in COPIED_SUFFIXES and file.name not in (MOYU_CONFIG, THRESHOLDS_FILE):
+            shutil.copy2(file, target / file.name)
+
+
+def _plan_summary(plan: dict[str, ModulePlan], calibrated: dict[str, float]) -> dict:
+    return {
+        name: {
+            "kind": entry.kind,
+            "target_sparsity": entry.target_sparsity,
+            "calibrated_sparsity": calibrated.get(name),
+            "threshold_mean": float(entry.threshold.mean()),
+            "channels": entry.threshold.numel(),
+        }
+        for name, entry in plan.items()
+    }
+
+
+def convert(
+    model_dir: str | Path,
+    calibration_path: str | Path,
+    recipe: Recipe,
+    output: str | Path,
+    eval_data: list[str] | None = None,
+    eval_windows: int = 8,
+    overwrite: bool = False,
+    allow_pickle: bool = False,
+) -> dict:
+    """Apply `recipe` to `model_dir` with the statistics in `calibration_path` and export to `output`.
+
+    Returns:
+        The contents written to `moyu.json`.
+    """
+    source = check_checkpoint(model_dir, allow_pickle=allow_pickle)
+    out = prepare_output(output, overwrite, [source, Path(calibration_path)])
+    calibration = load_calibration(calibration_path)
+    if calibration.metadata["model"]["hash"] != checkpoint_hash(source):
+        raise MoyuError(
+            f"calibration {calibration_path} was made on {calibration.metadata['model']['path']}, not on {source}; "
+            f"recalibrate with: moyu calibrate {source} --data TEXT --output CALIB"
+        )
+    model, tokenizer = load_model(source, allow_pickle=allow_pickle)
+    layout = discover(model)
+    plan = plan_from_recipe(recipe, layout, calibration)
+    calibrated = {}
+    for name, entry in plan.items():
+        stats = calibration.statistics_for(name)
+        calibrated[name] = fraction_at_or_below(stats.histogram, float(entry.threshold[0]))
+    apply_plan(model, plan, backend="torch")
+    if eval_data:
+        sources = [read_text(spec) for spec in eval_data]
+        label = "evaluation text"
+    else:
+        sources = [read_text(d["name"]) for d in calibration.metadata["data"] if Path(d["name"]).is_file()]
+        label = "calibration text (in-sample)"
+    evaluation = None
+    if sources and eval_windows > 0:
+        result = perplexity(model, tokenizer, sources, window=calibration.metadata["window"], max_windows=eval_windows)
+        evaluation = {"text": label, **result.to_dict()}
+        evaluation.pop("module_sparsity")
+    config = {
+        "format_version": FORMAT_VERSION,
+        "moyu_version": __version__,
+        "source": {"path": str(source.resolve()), "hash": checkpoint_hash(source)},
+        "recipe": recipe.to_dict(),
+        "prefill": recipe.prefill,
+        "modules": _plan_summary(plan, calibrated),
+        "calibration": {k: v for k, v in calibration.metadata.items() if k != "site_of"} | {"file": str(Path(calibration_path).resolve())},
+        "evaluation": evaluation,
+    }
+    try:
+        with atomic_directory(out) as staging:
+            _copy_checkpoint(source, staging)
+            save_file({f"{name}.threshold": entry.threshold for name, entry in plan.items()}, staging / THRESHOLDS_FILE)
+            (staging / MOYU_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    except OSError as exc:
+        raise MoyuError(f"failed to write {out}: {exc.strerror}; nothing was written. Free disk space or choose another --output") from exc
+    return config
+
+
+def read_moyu_config(path: str | Path) -> dict | None:
+    """Return the parsed `moyu.json` of an export, or None for a plain checkpoint directory."""
+    file = Path(path) / MOYU_CONFIG
+    if not file.is_file():
+        return None
+    try:
+        config = json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{file} is not valid JSON ({exc.msg}); re-export with moyu convert") from exc
+    if config.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{file} has format_version {config.get('format_version')!r}; this moyu reads {FORMAT_VERSION}")
+    return config
+
+
+def read_plan(path: str | Path, config: dict) -> dict[str, ModulePlan]:
+    """Rebuild the per-module plan of an export from `moyu.json` and its thresholds file."""
+    file = Path(path) / THRESHOLDS_FILE
+    try:
+        with safe_open(file, framework="pt") as handle:
+            thresholds = {key.removesuffix(".threshold"): handle.get_tensor(key) for key in handle.keys()}
+    except Exception as exc:  # safetensors raises its own error type for corrupt files
+        raise CheckpointError(f"cannot read {file} ({type(exc).__name__}); re-export with moyu convert") from exc
+    plan = {}
+    for name, entry in config["modules"].items():
+        if name not in thresholds:
+            raise CheckpointError(f"{file} has no threshold for module {name}; re-export with moyu convert")
+        plan[name] = ModulePlan(entry["kind"], thresholds[name], entry["target_sparsity"])
+    return plan
+
+
+def load(path: str | Path, backend: str = "auto", dtype: torch.dtype = torch.float32, allow_pickle: bool = False):
+    """Load a MOYU export as a sparse model (or a plain checkpoint as a dense model).
+
+    Args:
+        path: directory written by `moyu convert`, or any safetensors checkpoint directory.
+        backend: kernel backend, "auto", "torch", "cpu" or "triton".
+
+    Returns:
+        The transformers model with sparse modules in place; `model.moyu_config` holds `moyu.json`
+        (None for a dense checkpoint) and `model.moyu_backend` the backend in use. Load the
+        tokenizer with `transformers.AutoTokenizer.from_pretrained(path)`.
+    """
+    model, _ = load_model(path, dtype=dtype, allow_pickle=allow_pickle)
+    config = read_moyu_config(path)
+    model.moyu_config = config
+    model.moyu_backend = None
+    if config is not None:
+        model.moyu_backend = apply_plan(model, read_plan(path, config), backend=backend)
+    return model

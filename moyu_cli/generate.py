@@ -1,0 +1,55 @@
+"""Text generation with a sparse (or dense) model, following the export's prefill policy."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer
+
+from .export import load
+from .modeling import sparsity_control
+
+
+@dataclass
+class Generation:
+    text: str
+    new_tokens: int
+    seconds: float
+    backend: str
+    prefill: str
+
+
+def generate(
+    model_dir: str | Path,
+    prompt: str,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    seed: int = 0,
+    chat: bool = False,
+    backend: str = "auto",
+    allow_pickle: bool = False,
+) -> Generation:
+    """Load `model_dir` and continue `prompt`; greedy when `temperature` is 0."""
+    model = load(model_dir, backend=backend, allow_pickle=allow_pickle)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if chat and tokenizer.chat_template:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    else:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+    prefill = (model.moyu_config or {}).get("prefill", "sparse")
+    torch.manual_seed(seed)
+    options = {"do_sample": temperature > 0, "max_new_tokens": max_new_tokens, "pad_token_id": tokenizer.eos_token_id}
+    if temperature > 0:
+        options["temperature"] = temperature
+    else:
+        options.update(temperature=None, top_p=None, top_k=None)
+    started = time.perf_counter()
+    with torch.inference_mode(), sparsity_control(model, dense_prefill=prefill == "dense"):
+        output = model.generate(ids, attention_mask=torch.ones_like(ids), **options)
+    seconds = time.perf_counter() - started
+    new = output[0, ids.shape[1] :]
+    text = tokenizer.decode(output[0], skip_special_tokens=True)
+    return Generation(text, int(new.numel()), seconds, model.moyu_backend or "dense", prefill if model.moyu_config else "dense")

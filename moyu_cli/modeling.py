@@ -1,0 +1,200 @@
+"""Sparse runtime modules and the function that swaps them into a Hugging Face model.
+
+`SparseLinear` replaces an `nn.Linear` whose input is thresholded (TEAL-style), and
+`SparseGatedMLP` replaces a gated MLP whose activated gate is thresholded (CATS-style). Both call a
+kernel backend from `moyu_kernels`; the "torch" backend is the reference semantics.
+
+Sparsity control is per module and set through `SparsityControl`:
+- `enabled`: False runs the module dense (the dense baseline on the same weights).
+- `dense_prefix`: positions `< dense_prefix` along the sequence axis stay dense (the evaluation
+  protocol that keeps the first half of each window dense).
+- `dense_prefill`: calls with more than one position stay dense (prefill policy "dense").
+- `track`: count kept and total entries on the sparsified positions (realized sparsity).
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import moyu_kernels
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ModulePlan:
+    """The sparsity decided for one module: its kind, per-channel threshold and target sparsity."""
+
+    kind: str  # "linear" (threshold on the input) or "gated_mlp" (threshold on act(gate))
+    threshold: torch.Tensor  # [K] float32: K input channels, or K MLP neurons for gated_mlp
+    target_sparsity: float
+
+
+class _SparseBase(nn.Module):
+    def __init__(self, backend_name: str, backend):
+        super().__init__()
+        self.backend_name = backend_name
+        self.backend = backend
+        self.enabled = True
+        self.dense_prefix = 0
+        self.dense_prefill = False
+        self.track = False
+        self.kept = 0
+        self.total = 0
+
+    def reset_counts(self) -> None:
+        self.kept = 0
+        self.total = 0
+
+    def _split(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Split `x [B, T, K]` into the dense prefix and the sparsified rest, by the current control."""
+        if not self.enabled or (self.dense_prefill and x.dim() >= 2 and x.shape[-2] > 1):
+            return x, x[..., :0, :]
+        if self.dense_prefix > 0 and x.dim() == 3:
+            prefix = min(self.dense_prefix, x.shape[1])
+            return x[:, :prefix], x[:, prefix:]
+        return None, x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dense_part, sparse_part = self._split(x)
+        if dense_part is None:
+            return self._sparse(x)
+        if sparse_part.shape[-2] == 0:
+            return self._dense(dense_part)
+        return torch.cat([self._dense(dense_part), self._sparse(sparse_part)], dim=-2)
+
+    def _count(self, mask: torch.Tensor) -> None:
+        if self.track:
+            self.kept += int(mask.sum())
+            self.total += mask.numel()
+
+
+class SparseLinear(_SparseBase):
+    """A linear layer whose input entries at or under a per-channel threshold are skipped.
+
+    Output equals `F.linear(where(|x| > threshold, x, 0), weight, bias)`. Kernel backends keep the
+    weight transposed (`weight_t [K, N]`) so a skipped channel skips one contiguous row.
+    """
+
+    def __init__(self, linear: nn.Linear, threshold: torch.Tensor, backend_name: str, backend):
+        super().__init__(backend_name, backend)
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        self.register_buffer("threshold", threshold.float().contiguous(), persistent=False)
+        self.bias = linear.bias
+        if backend_name == "torch":
+            self.weight = linear.weight
+            self.weight_t = None
+        else:
+            # Converting at load time costs one transpose per layer (about 0.1 s for all of
+            # SmolLM2-135M) and keeps the exported safetensors loadable by plain transformers.
+            self.weight = None
+            self.register_buffer("weight_t", linear.weight.detach().t().contiguous(), persistent=False)
+
+    def _dense(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight is not None:
+            return F.linear(x, self.weight, self.bias)
+        y = torch.matmul(x, self.weight_t)
+        return y + self.bias if self.bias is not None else y
+
+    def _sparse(self, x: torch.Tensor) -> torch.Tensor:
+        if self.track:
+            self._count(x.abs() > self.threshold)
+        if self.weight is not None:
+            kept = torch.where(x.abs() > self.threshold, x, torch.zeros((), dtype=x.dtype))
+            return F.linear(kept, self.weight, self.bias)
+        return self.backend.sparse_linear(x, self.weight_t, self.threshold, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, backend={self.backend_name}"
+
+
+class SparseGatedMLP(_SparseBase):
+    """A gated MLP that skips neurons whose |act(gate_proj(x))| is at or under a per-neuron threshold.
+
+    Output equals `down_proj(where(|a| > threshold, a, 0) * up_proj(x))` with `a = act_fn(gate_proj(x))`.
+    gate_proj always runs dense; up_proj computes only the rows of kept neurons and down_proj reads
+    only their columns.
+    """
+
+    def __init__(self, mlp: nn.Module, threshold: torch.Tensor, backend_name: str, backend):
+        super().__init__(backend_name, backend)
+        self.gate_proj = mlp.gate_proj
+        self.up_proj = mlp.up_proj
+        self.down_proj = mlp.down_proj
+        self.act_fn = mlp.act_fn
+        self.register_buffer("threshold", threshold.float().contiguous(), persistent=False)
+        if backend_name != "torch":
+            self.register_buffer("down_t", self.down_proj.weight.detach().t().contiguous(), persistent=False)
+            self.register_buffer("zero_threshold", torch.zeros(self.down_proj.in_features), persistent=False)
+
+    def _dense(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+    def _sparse(self, x: torch.Tensor) -> torch.Tensor:
+        active = self.act_fn(self.gate_proj(x))
+        mask = active.abs() > self.threshold
+        self._count(mask)
+        active = torch.where(mask, active, torch.zeros((), dtype=active.dtype))
+        if self.backend_name == "torch":
+            return self.down_proj(active * self.up_proj(x))
+        up = self.backend.masked_rows_linear(x, self.up_proj.weight, mask)
+        # Skipped neurons are exact zeros, so a zero threshold makes down_proj skip exactly them.
+        return self.backend.sparse_linear(active * up, self.down_t, self.zero_threshold, self.down_proj.bias)
+
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def apply_plan(model: nn.Module, plan: dict[str, ModulePlan], backend: str = "auto") -> str:
+    """Swap sparse modules into `model` in place, following `plan`; returns the resolved backend name."""
+    device = str(next(model.parameters()).device)
+    backend_name, kernels = moyu_kernels.get_backend(backend, device=device)
+    for name, entry in plan.items():
+        original = model.get_submodule(name)
+        if entry.kind == "linear":
+            replacement = SparseLinear(original, entry.threshold, backend_name, kernels)
+        elif entry.kind == "gated_mlp":
+            replacement = SparseGatedMLP(original, entry.threshold, backend_name, kernels)
+        else:
+            raise ValueError(f"unknown module plan kind {entry.kind!r} for {name}")
+        _set_module(model, name, replacement)
+    logger.info("sparsified %d modules with the %s backend", len(plan), backend_name)
+    return backend_name
+
+
+def sparse_modules(model: nn.Module) -> dict[str, _SparseBase]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, _SparseBase)}
+
+
+@contextmanager
+def sparsity_control(
+    model: nn.Module,
+    enabled: bool = True,
+    dense_prefix: int = 0,
+    dense_prefill: bool = False,
+    track: bool = False,
+) -> Iterator[dict[str, _SparseBase]]:
+    """Set the sparsity control of every sparse module for the duration of the block."""
+    modules = sparse_modules(model)
+    saved = {n: (m.enabled, m.dense_prefix, m.dense_prefill, m.track) for n, m in modules.items()}
+    for module in modules.values():
+        module.enabled, module.dense_prefix, module.dense_prefill, module.track = enabled, dense_prefix, dense_prefill, track
+        if track:
+            module.reset_counts()
+    try:
+        yield modules
+    finally:
+        for name, module in modules.items():
+            module.enabled, module.dense_prefix, module.dense_prefill, module.track = saved[name]

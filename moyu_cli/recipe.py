@@ -1,0 +1,144 @@
+"""Recipes: versioned YAML files that say which modules to sparsify and how.
+
+A recipe holds a list of modifiers, each one sparsity rule applied to the modules its `targets`
+select (minus `ignore`). Validation is strict: unknown keys, wrong types and impossible values fail
+with a message naming the key and the file. New modifier types and stages are added as new
+`type` values, so existing files keep loading; `version` changes only for incompatible changes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import RecipeError
+
+RECIPE_VERSION = 1
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class MagnitudeModifier(_Strict):
+    """Zero the input entries of each target linear whose magnitude is at or under a threshold (TEAL).
+
+    The threshold of each module is the quantile of |x| at the target sparsity, read from the
+    calibration histogram of that module's input.
+
+    Example (recipes/teal-uniform.yaml):
+        - type: magnitude
+          targets: [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj]
+    """
+
+    type: Literal["magnitude"]
+    targets: list[str] = Field(default_factory=lambda: ["all"], min_length=1)
+    ignore: list[str] = Field(default_factory=list)
+    sparsity: float | None = Field(default=None, ge=0.0, lt=1.0)
+
+
+class GatedMlpModifier(_Strict):
+    """Threshold |act(gate_proj(x))| inside each gated MLP (CATS).
+
+    Neurons whose activated gate is at or under the threshold are skipped: their rows of
+    up_proj and their columns of down_proj are never read.
+
+    Example (recipes/cats-mlp.yaml):
+        - type: gated_mlp
+          targets: [mlp]
+    """
+
+    type: Literal["gated_mlp"]
+    targets: list[str] = Field(default_factory=lambda: ["all"], min_length=1)
+    ignore: list[str] = Field(default_factory=list)
+    sparsity: float | None = Field(default=None, ge=0.0, lt=1.0)
+
+
+Modifier = Annotated[Union[MagnitudeModifier, GatedMlpModifier], Field(discriminator="type")]
+
+
+class Recipe(_Strict):
+    """A validated recipe."""
+
+    version: Literal[1]
+    name: str = Field(min_length=1)
+    description: str = ""
+    sparsity: float = Field(ge=0.0, lt=1.0)
+    prefill: Literal["sparse", "dense"] = "sparse"
+    modifiers: list[Modifier] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _one_rule_per_module_kind(self) -> "Recipe":
+        kinds = [m.type for m in self.modifiers]
+        if len(kinds) != len(set(kinds)):
+            raise ValueError(f"modifier types {kinds} repeat; list each type once and use targets/ignore to select modules")
+        return self
+
+    def with_sparsity(self, sparsity: float) -> "Recipe":
+        """Return a copy with the recipe-level target sparsity replaced (the CLI's --sparsity)."""
+        if not 0.0 <= sparsity < 1.0:
+            raise RecipeError(f"sparsity {sparsity} is outside [0, 1); pass a fraction such as 0.5")
+        return self.model_copy(update={"sparsity": sparsity})
+
+    def to_dict(self) -> dict:
+        return self.model_dump(mode="json")
+
+
+def _format_error(path: Path, error: ValidationError) -> str:
+    first = error.errors()[0]
+    key = ".".join(str(part) for part in first["loc"]) or "(top level)"
+    return f"invalid recipe {path}: key '{key}': {first['msg']}"
+
+
+def parse_recipe(data: object, source: str = "<recipe>") -> Recipe:
+    """Validate a recipe from already-parsed YAML data."""
+    if not isinstance(data, dict):
+        raise RecipeError(f"invalid recipe {source}: the top level must be a mapping, got {type(data).__name__}")
+    if "version" not in data:
+        raise RecipeError(f"invalid recipe {source}: key 'version' is missing; add 'version: {RECIPE_VERSION}'")
+    if data["version"] != RECIPE_VERSION:
+        raise RecipeError(
+            f"invalid recipe {source}: key 'version' is {data['version']!r}; this moyu reads version {RECIPE_VERSION}"
+        )
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(_format_error(Path(source), exc)) from exc
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a recipe file.
+
+    `path` may also be the name of a shipped recipe (`teal-uniform`), looked up in `recipes/`.
+
+    Raises:
+        RecipeError: the file is missing, is not YAML, or fails validation.
+    """
+    file = resolve_recipe_path(path)
+    try:
+        data = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise RecipeError(f"recipe {file} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecipeError(f"cannot read recipe {file}: {exc}") from exc
+    return parse_recipe(data, str(file))
+
+
+def shipped_recipes_dir() -> Path:
+    return Path(__file__).resolve().parent.parent / "recipes"
+
+
+def resolve_recipe_path(path: str | Path) -> Path:
+    file = Path(path)
+    if file.is_file():
+        return file
+    shipped = shipped_recipes_dir() / f"{path}.yaml"
+    if file.suffix == "" and shipped.is_file():
+        return shipped
+    names = sorted(p.stem for p in shipped_recipes_dir().glob("*.yaml"))
+    raise RecipeError(f"recipe file not found: {path}; pass a YAML path or one of: {', '.join(names)}")
