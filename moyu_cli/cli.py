@@ -18,6 +18,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from moyu_kernels import BackendUnavailable
+
 from .errors import MoyuError
 
 app = typer.Typer(
@@ -271,15 +273,15 @@ def generate(
     )
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app and turn user errors into one line and exit code 1."""
     logging.basicConfig(level=os.environ.get("MOYU_LOG", "WARNING").upper(), format="%(levelname)s %(name)s: %(message)s")
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # moyu draws its own progress; the per-load weight bars are noise
     try:
-        app()
-    except MoyuError as exc:
+        app(args=argv, prog_name="moyu")
+    except (MoyuError, BackendUnavailable) as exc:
         if os.environ.get("MOYU_DEBUG") == "1":
             raise
         err_console.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)

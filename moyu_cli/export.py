@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+
+import moyu_kernels
 from safetensors.torch import save_file
 
 from . import __version__
@@ -165,6 +167,8 @@ def load(path: str | Path, backend: str = "auto", dtype: torch.dtype = torch.flo
         (None for a dense checkpoint) and `model.moyu_backend` the backend in use. Load the
         tokenizer with `transformers.AutoTokenizer.from_pretrained(path)`.
     """
+    if backend not in moyu_kernels.BACKENDS:
+        raise MoyuError(f"unknown kernel backend {backend!r}; choose one of {', '.join(moyu_kernels.BACKENDS)}")
     model, _ = load_model(path, dtype=dtype, allow_pickle=allow_pickle)
     config = read_moyu_config(path)
     model.moyu_config = config

@@ -181,20 +181,28 @@ def sparse_modules(model: nn.Module) -> dict[str, _SparseBase]:
 @contextmanager
 def sparsity_control(
     model: nn.Module,
-    enabled: bool = True,
-    dense_prefix: int = 0,
-    dense_prefill: bool = False,
-    track: bool = False,
+    enabled: bool | None = None,
+    dense_prefix: int | None = None,
+    dense_prefill: bool | None = None,
+    track: bool | None = None,
 ) -> Iterator[dict[str, _SparseBase]]:
-    """Set the sparsity control of every sparse module for the duration of the block."""
+    """Set the given sparsity controls of every sparse module for the duration of the block.
+
+    Controls left as None keep their current value, so blocks nest: an outer `enabled=False`
+    survives an inner block that only turns on tracking. Turning tracking on resets the counts.
+    """
+    changes = {"enabled": enabled, "dense_prefix": dense_prefix, "dense_prefill": dense_prefill, "track": track}
+    changes = {key: value for key, value in changes.items() if value is not None}
     modules = sparse_modules(model)
-    saved = {n: (m.enabled, m.dense_prefix, m.dense_prefill, m.track) for n, m in modules.items()}
+    saved = {name: {key: getattr(module, key) for key in changes} for name, module in modules.items()}
     for module in modules.values():
-        module.enabled, module.dense_prefix, module.dense_prefill, module.track = enabled, dense_prefix, dense_prefill, track
+        for key, value in changes.items():
+            setattr(module, key, value)
         if track:
             module.reset_counts()
     try:
         yield modules
     finally:
         for name, module in modules.items():
-            module.enabled, module.dense_prefix, module.dense_prefill, module.track = saved[name]
+            for key, value in saved[name].items():
+                setattr(module, key, value)
