@@ -196,6 +196,7 @@ def evaluate(
     windows: Annotated[int, typer.Option("--windows", help="Maximum number of windows; 0 means all.")] = 64,
     protocol: Annotated[str, typer.Option("--protocol", help="strict: every position sparsified; half-dense: first half of each window dense.")] = "strict",
     dense: Annotated[bool, typer.Option("--dense", help="Evaluate the same weights with sparsity turned off.")] = False,
+    compare_dense: Annotated[bool, typer.Option("--compare-dense", help="Also evaluate with sparsity off and print both side by side.")] = False,
     backend: BackendOpt = "torch",
     per_module: Annotated[bool, typer.Option("--per-module", help="Print the realized sparsity of every module.")] = False,
     threads: ThreadsOpt = None,
@@ -216,13 +217,29 @@ def evaluate(
     model = load(model_dir, backend=backend, allow_pickle=allow_pickle)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     sources = [read_text(spec) for spec in data]
-    bar, update = _progress("evaluating", as_json)
-    with bar, sparsity_control(model, enabled=not dense):
-        result = perplexity(model, tokenizer, sources, window=window, max_windows=windows or None, protocol=protocol, progress=update)
+    if dense and compare_dense:
+        raise MoyuError("--dense and --compare-dense exclude each other; pass one")
+    runs = {"sparse": not dense} if not compare_dense else {"dense": False, "sparse": True}
+    results = {}
+    for label, enabled in runs.items():
+        bar, update = _progress(f"evaluating ({label})", as_json)
+        with bar, sparsity_control(model, enabled=enabled):
+            results[label] = perplexity(model, tokenizer, sources, window=window, max_windows=windows or None,
+                                        protocol=protocol, progress=update)
     if as_json:
-        print(json.dumps(result.to_dict(), indent=2))
+        payload = {label: r.to_dict() for label, r in results.items()}
+        print(json.dumps(payload if compare_dense else payload["sparse"], indent=2))
         return
-    _print_eval(result, per_module)
+    if compare_dense:
+        _print_comparison(results["dense"], results["sparse"], sources[0].name)
+    _print_eval(results["sparse"], per_module)
+
+
+def _print_comparison(dense, sparse, text: str) -> None:
+    table = Table("model", "perplexity", "ratio to dense", "model-wide sparsity", title=f"{text}, {sparse.protocol} protocol")
+    table.add_row("dense", f"{dense.perplexity:.3f}", "1.000", "0.0%")
+    table.add_row("sparse", f"{sparse.perplexity:.3f}", f"{sparse.perplexity / dense.perplexity:.3f}", f"{sparse.model_sparsity:.1%}")
+    console.print(table)
 
 
 def _print_eval(result, per_module: bool) -> None:

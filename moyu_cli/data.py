@@ -1,7 +1,8 @@
 """Read calibration and evaluation text and cut it into token windows.
 
-Text sources: `.txt` / `.raw` files (lines), `.jsonl` files (the "text" field of each record) and,
-when the network allows, a Hugging Face dataset id such as `wikitext:wikitext-2-raw-v1:test`.
+Text sources: `.txt` / `.raw` files (lines), `.jsonl` files (the "text" field of each record), a
+Hugging Face dataset id such as `wikitext:wikitext-2-raw-v1:test` when the network allows, and
+`builtin:pydoc-calibration` / `builtin:pydoc-evaluation` (CPython's documentation topics).
 
 The document protocol follows the WikiText evaluation used in the activation-sparsity literature:
 strip carriage returns, keep non-empty lines, join them with a blank line, tokenize once without
@@ -90,6 +91,8 @@ def read_text(spec: str | Path) -> TextSource:
     Raises:
         DataError: the file is missing, unreadable, of an unknown type, or holds no text.
     """
+    if str(spec).startswith("builtin:"):
+        return builtin_english_text(str(spec))
     path = Path(spec)
     if path.exists():
         if path.is_dir():
@@ -112,15 +115,25 @@ def _looks_like_dataset(spec: str) -> bool:
     return spec.count("/") <= 1 and not spec.startswith((".", "/", "~"))
 
 
-def builtin_english_text() -> TextSource:
-    """Return CPython's bundled documentation topics (pydoc_data) as real English text.
+BUILTIN_TEXTS = ("builtin:pydoc-calibration", "builtin:pydoc-evaluation")
 
-    Used by the main job when neither ../shared/data nor the network is available.
+
+def builtin_english_text(spec: str) -> TextSource:
+    """Return real English text that ships with CPython: the pydoc_data documentation topics.
+
+    For machines with neither WikiText files nor network access. The topics are split in two
+    disjoint halves (even and odd topics, in sorted order) so that calibration and evaluation
+    never see the same text: "builtin:pydoc-calibration" and "builtin:pydoc-evaluation".
     """
+    if spec not in BUILTIN_TEXTS:
+        raise DataError(f"unknown built-in text {spec!r}; choose one of {', '.join(BUILTIN_TEXTS)}")
     from pydoc_data import topics
 
-    text = "\n\n".join(topic.strip() for topic in topics.topics.values() if topic.strip())
-    return TextSource("pydoc_data.topics (CPython documentation)", text, hashlib.sha256(text.encode()).hexdigest())
+    parity = 0 if spec.endswith("calibration") else 1
+    names = sorted(topics.topics)[parity::2]
+    lines = [line.strip() for name in names for line in topics.topics[name].splitlines()]
+    text = "\n\n".join(line for line in lines if line)
+    return TextSource(f"{spec} (CPython {len(names)} documentation topics)", text, hashlib.sha256(text.encode()).hexdigest())
 
 
 def uses_bos(tokenizer) -> bool:
