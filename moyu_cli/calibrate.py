@@ -4,6 +4,10 @@ Observed sites (one `SiteStatistics` each):
 - `<linear>.input`: the input of every decoder `nn.Linear`. Linears that receive the same tensor
   (q/k/v, gate/up) share one site, detected on the first window by tensor identity.
 - `<mlp>.act_gate`: `act_fn(gate_proj(x))` of every gated MLP.
+- `<linear>.weighted`: the weight-aware score |x_k| * ||W[:, k]||_2 of every decoder linear (WINA),
+  one per module because modules that share an input (q/k/v) differ in column norms. Only the
+  histogram is stored, and these entries are listed under the metadata key "weighted_of" (module
+  name -> site name), so they are not counted among the input sites of `site_of`.
 
 The calibration file is safetensors: the statistics as float64 tensors and, under the metadata key
 "moyu", a JSON object with the model identity and hash, data files and hashes, token count, window
@@ -27,7 +31,7 @@ from .architecture import discover
 from .checkpoint import atomic_write_bytes, checkpoint_hash, load_model, prepare_output
 from .data import TextSource, read_text, tokenize, uses_bos, windows
 from .errors import CalibrationError, MoyuError
-from .observers import SiteStatistics
+from .observers import SiteStatistics, magnitude_histogram
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +47,16 @@ class Calibration:
     sites: dict[str, SiteStatistics]
     site_of: dict[str, str]  # module name -> site name
     metadata: dict = field(default_factory=dict)
+    weighted: dict[str, torch.Tensor] = field(default_factory=dict)  # module name -> histogram of |x_k| * ||W[:, k]||
+
+    def weighted_histogram(self, module: str) -> torch.Tensor:
+        """Return the histogram of the weight-aware score |x_k| * ||W[:, k]||_2 of `module`'s input."""
+        if module not in self.weighted:
+            raise CalibrationError(
+                f"the calibration file has no weight-aware score statistics for module {module}; "
+                "it was written by an older moyu, recalibrate with: moyu calibrate MODEL_DIR --data TEXT --output CALIB"
+            )
+        return self.weighted[module]
 
     def statistics_for(self, module: str) -> SiteStatistics:
         if module not in self.site_of:
@@ -50,6 +64,11 @@ class Calibration:
                 f"the calibration file has no statistics for module {module}; recalibrate with this model"
             )
         return self.sites[self.site_of[module]]
+
+
+def column_norms(weight: torch.Tensor) -> torch.Tensor:
+    """Return ||W[:, k]||_2 for every input channel k of a linear weight `[out, in]` (float32 `[in]`)."""
+    return weight.detach().float().norm(dim=0)
 
 
 class _Recorder:
@@ -62,8 +81,10 @@ class _Recorder:
         self.handles = []
         self._grouping = True
         self._last: tuple[torch.Tensor, str] | None = None
+        self.weighted: dict[str, torch.Tensor] = {}
         for name, linear in self.layout.linears.items():
             self.handles.append(linear.register_forward_pre_hook(self._input_hook(name)))
+            self.handles.append(linear.register_forward_pre_hook(self._weighted_hook(name, column_norms(linear.weight))))
         for name, mlp in self.layout.mlps.items():
             self.handles.append(mlp.gate_proj.register_forward_hook(self._gate_hook(name, mlp.act_fn)))
 
@@ -92,6 +113,17 @@ class _Recorder:
             elif self.site_of[name] != f"{name}.input":
                 return
             self._observe(f"{name}.input", x)
+
+        return hook
+
+    def _weighted_hook(self, name: str, norms: torch.Tensor):
+        def hook(module, args):
+            score = args[0].detach().float().abs() * norms
+            histogram = magnitude_histogram(score)
+            if name in self.weighted:
+                self.weighted[name] += histogram
+            else:
+                self.weighted[name] = histogram
 
         return hook
 
@@ -167,10 +199,13 @@ def calibrate(
         "dtype": str(dtype).removeprefix("torch."),
         "seconds": round(time.perf_counter() - started, 1),
         "site_of": recorder.site_of,
+        "weighted_of": {name: f"{name}.weighted" for name in recorder.weighted},
     }
     tensors = {}
     for site, stats in recorder.sites.items():
         tensors.update(stats.state(site))
+    for name, histogram in recorder.weighted.items():
+        tensors[f"{name}.weighted.histogram"] = histogram
     try:
         atomic_write_bytes(out, save(tensors, metadata={"moyu": json.dumps(metadata)}))
     except OSError as exc:
@@ -193,6 +228,10 @@ def load_calibration(path: str | Path) -> Calibration:
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     except (KeyError, json.JSONDecodeError, OSError, Exception) as exc:  # safetensors raises its own error type
         raise CalibrationError(f"{file} is not a readable moyu calibration file ({type(exc).__name__}); recalibrate") from exc
-    site_names = {key.rsplit(".", 1)[0] for key in tensors}
+    # Files written before the weight-aware score existed have no "weighted_of" and load unchanged.
+    weighted_of = metadata.get("weighted_of", {})
+    weighted = {module: tensors[f"{site}.histogram"] for module, site in weighted_of.items()}
+    weighted_sites = set(weighted_of.values())
+    site_names = {key.rsplit(".", 1)[0] for key in tensors} - weighted_sites
     sites = {name: SiteStatistics.from_state(tensors, name) for name in site_names}
-    return Calibration(sites=sites, site_of=metadata["site_of"], metadata=metadata)
+    return Calibration(sites=sites, site_of=metadata["site_of"], metadata=metadata, weighted=weighted)

@@ -290,6 +290,62 @@ def generate(
     )
 
 
+@app.command()
+def bench(
+    model_dir: Annotated[Path, typer.Argument(help="MOYU export directory.")],
+    prompt: Annotated[str, typer.Option("--prompt", help="Prompt decoded from.")] = "The history of the Roman Empire",
+    new_tokens: Annotated[int, typer.Option("--new-tokens", help="Tokens decoded per timed run.")] = 64,
+    repeats: Annotated[int, typer.Option("--repeats", help="Timed runs per model, alternating dense and sparse.")] = 5,
+    backend: BackendOpt = "auto",
+    check: Annotated[bool, typer.Option("--check/--no-check", help="Compare the sparse tokens with the torch reference backend.")] = True,
+    threads: ThreadsOpt = None,
+    allow_pickle: AllowPickleOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Measure greedy decoding speed, dense and sparse in the same process, and per-module times.
+
+    Example: moyu bench smollm2-teal50 --new-tokens 64 --threads 2
+    """
+    import torch
+    from transformers import AutoTokenizer
+
+    from .bench import run_bench
+    from .checkpoint import load_model
+    from .export import load
+
+    _threads(threads)
+    sparse = load(model_dir, backend=backend, allow_pickle=allow_pickle)
+    if sparse.moyu_config is None:
+        raise MoyuError(f"{model_dir} is a dense checkpoint; bench an export written by moyu convert")
+    dense, tokenizer = load_model(model_dir, allow_pickle=allow_pickle)
+    reference = load(model_dir, backend="torch", allow_pickle=allow_pickle) if check and sparse.moyu_backend != "torch" else None
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    dense_prefill = sparse.moyu_config.get("prefill") == "dense"
+    err_console.print(f"kernel backend: {sparse.moyu_backend}")
+    with torch.inference_mode():
+        result = run_bench(dense, sparse, ids, sparse.moyu_backend, new_tokens=new_tokens, repeats=repeats,
+                           reference=reference, dense_prefill=dense_prefill)
+    if as_json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return
+    table = Table("model", "tokens/s", "ratio", "weight MB/token", "bound tokens/s", "of bound",
+                  title=f"greedy decoding, batch 1, {result.new_tokens} tokens x {result.repeats} runs, {result.threads} threads, backend {result.backend}")
+    for label, speed, size in (("dense", result.dense_tokens_per_s, result.dense_bytes_per_token),
+                               ("sparse", result.sparse_tokens_per_s, result.sparse_bytes_per_token)):
+        bound = result.bandwidth_gb_s * 1e9 / size
+        table.add_row(label, f"{speed:.1f}", f"{speed / result.dense_tokens_per_s:.2f}", f"{size / 1e6:.0f}", f"{bound:.1f}", f"{speed / bound:.0%}")
+    console.print(table)
+    console.print(f"speed-up {result.ratio:.2f}x; weight-read bound {result.bound_ratio:.2f}x at {result.model_sparsity:.1%} model-wide "
+                  f"sparsity; measured bandwidth {result.bandwidth_gb_s:.1f} GB/s")
+    console.print(f"sparse vs torch reference: {result.reference_match}")
+    modules = Table("module", "dense ms/token", "sparse ms/token", "ratio", title="time per token by projection (all layers)")
+    for kind, times in result.module_ms.items():
+        dense_ms, sparse_ms = times.get("dense"), times.get("sparse")
+        ratio = f"{dense_ms / sparse_ms:.2f}" if dense_ms and sparse_ms else "-"
+        modules.add_row(kind, f"{dense_ms:.2f}" if dense_ms else "-", f"{sparse_ms:.2f}" if sparse_ms else "-", ratio)
+    console.print(modules)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app and turn user errors into one line and exit code 1."""
     logging.basicConfig(level=os.environ.get("MOYU_LOG", "WARNING").upper(), format="%(levelname)s %(name)s: %(message)s")

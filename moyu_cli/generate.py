@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,8 +10,12 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
+from .decode import LeanDecoder
+from .errors import UnsupportedArchitectureError
 from .export import load
 from .modeling import sparsity_control
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -20,6 +25,24 @@ class Generation:
     seconds: float
     backend: str
     prefill: str
+
+
+def _lean_greedy(model, ids: torch.Tensor, max_new_tokens: int, eos: int | None) -> torch.Tensor | None:
+    """Greedy-decode with the lean static-cache loop; None when the model's layout is not supported."""
+    try:
+        decoder = LeanDecoder(model, ids.shape[1] + max_new_tokens + 1)
+    except UnsupportedArchitectureError as exc:
+        logger.info("using transformers' generate: %s", exc)
+        return None
+    logits = decoder.forward(ids)
+    produced = []
+    for _ in range(max_new_tokens):
+        token = int(torch.argmax(logits))
+        produced.append(token)
+        if token == eos or len(produced) == max_new_tokens:
+            break
+        logits = decoder.forward(torch.tensor([[token]]))
+    return torch.tensor(produced, dtype=torch.long)
 
 
 def generate(
@@ -48,8 +71,10 @@ def generate(
         options.update(temperature=None, top_p=None, top_k=None)
     started = time.perf_counter()
     with torch.inference_mode(), sparsity_control(model, dense_prefill=prefill == "dense"):
-        output = model.generate(ids, attention_mask=torch.ones_like(ids), **options)
+        new = _lean_greedy(model, ids, max_new_tokens, tokenizer.eos_token_id) if temperature == 0 else None
+        if new is None:
+            output = model.generate(ids, attention_mask=torch.ones_like(ids), **options)
+            new = output[0, ids.shape[1] :]
     seconds = time.perf_counter() - started
-    new = output[0, ids.shape[1] :]
-    text = tokenizer.decode(output[0], skip_special_tokens=True)
+    text = tokenizer.decode(torch.cat([ids[0], new]), skip_special_tokens=True)
     return Generation(text, int(new.numel()), seconds, model.moyu_backend or "dense", prefill if model.moyu_config else "dense")

@@ -105,12 +105,13 @@ class SparseLinear(_SparseBase):
         return y + self.bias if self.bias is not None else y
 
     def _sparse(self, x: torch.Tensor) -> torch.Tensor:
-        if self.track:
-            self._count(x.abs() > self.threshold)
-        if self.weight is not None:
-            kept = torch.where(x.abs() > self.threshold, x, torch.zeros((), dtype=x.dtype))
-            return F.linear(kept, self.weight, self.bias)
-        return self.backend.sparse_linear(x, self.weight_t, self.threshold, self.bias)
+        if self.weight is None:
+            if self.track:
+                self._count(x.abs() > self.threshold)
+            return self.backend.sparse_linear(x, self.weight_t, self.threshold, self.bias)
+        mask = x.abs() > self.threshold
+        self._count(mask)
+        return F.linear(torch.where(mask, x, torch.zeros((), dtype=x.dtype)), self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, backend={self.backend_name}"

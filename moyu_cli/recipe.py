@@ -26,8 +26,10 @@ class _Strict(BaseModel):
 class MagnitudeModifier(_Strict):
     """Zero the input entries of each target linear whose magnitude is at or under a threshold (TEAL).
 
-    The threshold of each module is the quantile of |x| at the target sparsity, read from the
-    calibration histogram of that module's input.
+    The threshold of each module is the quantile of its score at the target sparsity, read from
+    the calibration histogram. `score: magnitude` scores input channel k by |x_k| (TEAL), one
+    threshold per module. `score: weighted` scores it by |x_k| * ||W[:, k]||_2 (WINA), so channel k
+    gets the threshold t / ||W[:, k]||_2 with t the quantile of the module's weighted score.
 
     Example (recipes/teal-uniform.yaml):
         - type: magnitude
@@ -38,6 +40,7 @@ class MagnitudeModifier(_Strict):
     targets: list[str] = Field(default_factory=lambda: ["all"], min_length=1)
     ignore: list[str] = Field(default_factory=list)
     sparsity: float | None = Field(default=None, ge=0.0, lt=1.0)
+    score: Literal["magnitude", "weighted"] = "magnitude"
 
 
 class GatedMlpModifier(_Strict):
@@ -57,6 +60,15 @@ class GatedMlpModifier(_Strict):
     sparsity: float | None = Field(default=None, ge=0.0, lt=1.0)
 
 
+class SearchSettings(_Strict):
+    """Settings of the greedy allocation searches (`allocation: block-greedy | greedy`)."""
+
+    tokens: int = Field(default=2048, ge=1)  # calibration tokens the layer errors are measured on
+    step: float = Field(default=0.1, gt=0.0, le=1.0)  # sparsity raise of one group per greedy step
+    max_sparsity: float = Field(default=0.95, gt=0.0, lt=1.0)  # upper bound of any group's sparsity
+    seed: int = 0  # chooses the calibration windows
+
+
 Modifier = Annotated[Union[MagnitudeModifier, GatedMlpModifier], Field(discriminator="type")]
 
 
@@ -68,6 +80,11 @@ class Recipe(_Strict):
     description: str = ""
     sparsity: float = Field(ge=0.0, lt=1.0)
     prefill: Literal["sparse", "dense"] = "sparse"
+    # "uniform": every targeted module at the modifier's sparsity. "block-greedy" and "greedy":
+    # `sparsity` is the model-wide fraction of decoder linear weight bytes skipped, allocated by
+    # the searches in allocate.py (block-greedy: the same fraction in every layer).
+    allocation: Literal["uniform", "block-greedy", "greedy"] = "uniform"
+    search: SearchSettings = Field(default_factory=SearchSettings)
     modifiers: list[Modifier] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -75,6 +92,11 @@ class Recipe(_Strict):
         kinds = [m.type for m in self.modifiers]
         if len(kinds) != len(set(kinds)):
             raise ValueError(f"modifier types {kinds} repeat; list each type once and use targets/ignore to select modules")
+        if self.allocation != "uniform":
+            if kinds != ["magnitude"]:
+                raise ValueError(f"allocation '{self.allocation}' works on one 'magnitude' modifier only, got modifiers {kinds}")
+            if self.modifiers[0].sparsity is not None:
+                raise ValueError(f"allocation '{self.allocation}' chooses every module's sparsity; remove the modifier's 'sparsity'")
         return self
 
     def with_sparsity(self, sparsity: float) -> "Recipe":

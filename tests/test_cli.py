@@ -11,7 +11,7 @@ import torch
 
 from moyu_cli.cli import main
 
-COMMANDS = ["import-gguf", "inspect", "calibrate", "convert", "eval", "generate"]
+COMMANDS = ["import-gguf", "inspect", "calibrate", "convert", "eval", "generate", "bench"]
 
 
 def run(capsys, *argv):
