@@ -156,6 +156,12 @@ def prepare_output(output: str | Path, overwrite: bool, inputs: list[Path]) -> P
     return out
 
 
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
 @contextmanager
 def atomic_directory(output: Path) -> Iterator[Path]:
     """Yield a temporary directory beside `output`; on success it replaces `output` in one rename.
@@ -165,9 +171,7 @@ def atomic_directory(output: Path) -> Iterator[Path]:
     """
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    staging.chmod(0o777 & ~umask)  # mkdtemp creates 0700; give the result the usual permissions
+    staging.chmod(0o777 & ~_umask())  # mkdtemp creates 0700; give the result the usual permissions
     try:
         yield staging
         if output.exists():
@@ -189,6 +193,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

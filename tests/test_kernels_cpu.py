@@ -1,10 +1,11 @@
 """Check the C++/OpenMP CPU kernels (`moyu_kernels.cpu`) against the torch reference.
 
-Covers `sparse_linear` for 1 to 8 rows (the sparse kernel, including the dense fallback for large
-active-channel unions) and for prefill-sized inputs (the dense dispatch), in fp32 and bf16, with
-sizes that are and are not multiples of the kernel's cache-line and row blocks, sparsity 0 to
-0.99, all-zero input, per-channel thresholds, bias, leading dimensions and non-contiguous input;
-and `masked_rows_linear` for one row (the kernel) and several rows (the reference fallback).
+Covers `sparse_linear` for 1 to 8 rows (the sparse kernel and its dense fallback for large
+active-channel unions) and for prefill-sized inputs (the dense dispatch), in fp32 and bf16. The
+cases include sizes that are and are not multiples of the kernel's cache-line and row blocks,
+sparsity 0 to 0.99, all-zero input, per-channel thresholds, bias, leading dimensions,
+non-contiguous input and 1 to 3 threads. `masked_rows_linear` is checked for one row (the kernel)
+and several rows (the reference fallback).
 
 Needs only a CPU with a C++ compiler and ninja. The extension is built on first use (about half a
 minute, then cached); when it cannot be built the tests fail with the build error instead of
@@ -96,6 +97,31 @@ def test_sparse_linear_reads_only_active_rows(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+def test_sparse_linear_thread_counts(dtype):
+    # The kernel splits the columns (large N) or the active rows (small N) between the threads;
+    # 3 threads give uneven splits on every machine, however many cores it has.
+    saved = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            for K, N in ((1536, 576), (576, 1536), (2000, 40), (300, 4100)):
+                for rows in (1, 3):
+                    x, weight, threshold = make_case(rows, K, N, 0.5, dtype, seed=threads * 10 + rows)
+                    weight_t = weight.t().contiguous()
+                    actual = cpu.sparse_linear(x, weight_t, threshold)
+                    expected = reference.sparse_linear(x, weight_t, threshold)
+                    assert_close(actual, expected, dtype, f"{dtype} threads={threads} K={K} N={N} rows={rows}")
+                # weight_t [K, N] doubles as a masked_rows_linear weight with K outputs.
+                mask = torch.rand(K) < 0.4
+                x_row = torch.randn(N).to(dtype)
+                actual = cpu.masked_rows_linear(x_row, weight_t, mask)
+                expected = reference.masked_rows_linear(x_row, weight_t, mask)
+                assert_close(actual, expected, dtype, f"{dtype} masked rows threads={threads} N={K} K={N}")
+    finally:
+        torch.set_num_threads(saved)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
 def test_sparse_linear_all_zero_input(dtype):
     K, N = 96, 50
     weight_t = torch.randn(K, N).to(dtype)
@@ -184,7 +210,9 @@ def test_sparse_linear_prefill_dispatch(dtype):
 def test_sparse_linear_batch_union_fallback(dtype):
     # The same rows through the sparse kernel (no fallback) and the dense fallback (always).
     K, N = 160, 90
-    x, weight, threshold = make_case(5, K, N, 0.5, dtype, seed=13)
+    rows = cpu.ALWAYS_SPARSE_ROWS + 1
+    assert rows <= cpu.MAX_SPARSE_ROWS
+    x, weight, threshold = make_case(rows, K, N, 0.5, dtype, seed=13)
     weight_t = weight.t().contiguous()
     expected = reference.sparse_linear(x, weight_t, threshold)
     saved = cpu.MAX_ACTIVE_FRACTION

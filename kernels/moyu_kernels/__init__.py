@@ -47,11 +47,13 @@ def get_backend(name: str = "auto", device: str = "cpu") -> tuple[str, ModuleTyp
     if name != "auto":
         try:
             return name, _load(name)
-        except ImportError as exc:
-            raise BackendUnavailable(f"kernel backend {name!r} is not available: {exc}") from exc
+        except (ImportError, RuntimeError, OSError) as exc:
+            if isinstance(exc, BackendUnavailable):
+                raise
+            raise BackendUnavailable(f"kernel backend {name!r} is not available here: {exc}") from exc
     preferred = "triton" if device.startswith("cuda") else "cpu"
     try:
         return preferred, _load(preferred)
-    except (BackendUnavailable, ImportError, RuntimeError, OSError) as exc:
+    except (ImportError, RuntimeError, OSError) as exc:
         logger.warning("kernel backend %r unavailable (%s); using the torch reference", preferred, exc)
         return "torch", _load("torch")
