@@ -19,7 +19,9 @@ from torch import nn
 from .architecture import find_decoder_layers
 from .decode import LeanDecoder
 from .evaluate import decoder_linear_params, skipped_params
-from .modeling import sparsity_control
+from moyu_kernels.reference import sparse_linear as reference_sparse_linear
+
+from .modeling import SparseLinear, sparse_modules, sparsity_control
 
 
 @dataclass
@@ -98,26 +100,46 @@ def _timed_generate(decoder: LeanDecoder, ids: torch.Tensor, new_tokens: int) ->
     return new_tokens / (time.perf_counter() - started), produced
 
 
-def compare_with_reference(sparse: nn.Module, reference: nn.Module, ids: torch.Tensor, new_tokens: int) -> str:
-    """Decode with the kernel backend and the torch reference; describe where and how they differ.
+def _greedy_tokens(model: nn.Module, ids: torch.Tensor, new_tokens: int) -> tuple[list[int], list[torch.Tensor]]:
+    decoder = LeanDecoder(model, ids.shape[1] + new_tokens + 1)
+    logits = decoder.forward(ids)
+    tokens, steps = [], []
+    for _ in range(new_tokens):
+        steps.append(logits)
+        tokens.append(int(torch.argmax(logits)))
+        logits = decoder.forward(torch.tensor([[tokens[-1]]]))
+    return tokens, steps
 
-    A different summation order can flip a near-tie between two tokens; then the logits at that
-    step are compared instead, and the message gives their largest difference.
+
+def compare_with_reference(sparse: nn.Module, reference: nn.Module, ids: torch.Tensor, new_tokens: int) -> str:
+    """Compare greedy decoding with the kernel backend against the torch reference backend.
+
+    Two checks. Each kernel call is compared with the reference op on the very same input, which
+    isolates the kernel's own error. The greedy tokens are compared too, but there a last-bit
+    difference can move an activation across its threshold, or flip a near-tie between two tokens,
+    after which the sequences legitimately part.
     """
-    length = ids.shape[1] + new_tokens + 1
-    kernel_decoder, reference_decoder = LeanDecoder(sparse, length), LeanDecoder(reference, length)
-    kernel_logits, reference_logits = kernel_decoder.forward(ids), reference_decoder.forward(ids)
-    largest = 0.0
-    for step in range(new_tokens):
-        largest = max(largest, float((kernel_logits - reference_logits).abs().max()))
-        token, expected = int(torch.argmax(kernel_logits)), int(torch.argmax(reference_logits))
-        if token != expected:
-            top = torch.topk(reference_logits, 2).values
-            return (f"diverged at token {step}: reference logit gap {float(top[0] - top[1]):.2e}, "
-                    f"max logit difference so far {largest:.2e}")
-        kernel_logits = kernel_decoder.forward(torch.tensor([[token]]))
-        reference_logits = reference_decoder.forward(torch.tensor([[token]]))
-    return f"all {new_tokens} tokens identical, max logit difference {largest:.2e}"
+    worst = 0.0
+
+    def check(module, args, output):
+        nonlocal worst
+        if isinstance(module, SparseLinear) and module.weight_t is not None:
+            expected = reference_sparse_linear(args[0], module.weight_t, module.threshold, module.bias)
+            worst = max(worst, float((output - expected).abs().max()))
+
+    handles = [m.register_forward_hook(check) for m in sparse_modules(sparse).values()]
+    try:
+        tokens, _ = _greedy_tokens(sparse, ids, new_tokens)
+    finally:
+        for handle in handles:
+            handle.remove()
+    expected, expected_logits = _greedy_tokens(reference, ids, new_tokens)
+    same = next((i for i, (a, b) in enumerate(zip(tokens, expected)) if a != b), new_tokens)
+    kernel_error = f"max kernel error vs reference op {worst:.1e}"
+    if same == new_tokens:
+        return f"all {new_tokens} tokens identical; {kernel_error}"
+    top = torch.topk(expected_logits[same], 2).values
+    return f"first {same} of {new_tokens} tokens identical (reference top-2 logit gap there {float(top[0] - top[1]):.2f}); {kernel_error}"
 
 
 def run_bench(
