@@ -158,6 +158,8 @@ def convert(
     sparsity: Annotated[Optional[float], typer.Option("--sparsity", help="Override the recipe's target sparsity (fraction, e.g. 0.5).")] = None,
     eval_data: Annotated[Optional[list[str]], typer.Option("--eval-data", help="Text to measure perplexity on at convert time (default: the calibration text, in-sample).")] = None,
     eval_windows: Annotated[int, typer.Option("--eval-windows", help="Windows evaluated at convert time; 0 skips it.")] = 8,
+    max_ppl_increase: Annotated[Optional[str], typer.Option("--max-ppl-increase", help="Choose the highest sparsity whose perplexity on the calibration text is at most this much above dense, e.g. 5% (replaces --sparsity).")] = None,
+    budget_windows: Annotated[int, typer.Option("--budget-windows", help="Calibration-text windows each --max-ppl-increase trial is measured on.")] = 8,
     overwrite: OverwriteOpt = False,
     allow_pickle: AllowPickleOpt = False,
     threads: ThreadsOpt = None,
@@ -174,13 +176,31 @@ def convert(
     resolved = load_recipe(recipe)
     if sparsity is not None:
         resolved = resolved.with_sparsity(sparsity)
+    increase = None
+    if max_ppl_increase is not None:
+        from .budget import parse_increase
+
+        try:
+            increase = parse_increase(max_ppl_increase)
+        except ValueError as exc:
+            raise MoyuError(f"--max-ppl-increase: {exc}") from None
     config = run(model_dir, calibration, resolved, output, eval_data=eval_data, eval_windows=eval_windows,
-                 overwrite=overwrite, allow_pickle=allow_pickle)
+                 overwrite=overwrite, allow_pickle=allow_pickle, max_ppl_increase=increase, budget_windows=budget_windows)
     if as_json:
         print(json.dumps(config, indent=2))
         return
     evaluation = config["evaluation"]
-    console.print(f"wrote {output}: recipe {resolved.name} at {resolved.sparsity:.0%}, {len(config['modules'])} sparse modules")
+    chosen = config["recipe"]["sparsity"]
+    # A budget search picks a sparsity between whole percents, so it gets one decimal.
+    shown = f"{chosen:.1%}" if config.get("budget") else f"{chosen:.0%}"
+    console.print(f"wrote {output}: recipe {resolved.name} at {shown}, {len(config['modules'])} sparse modules")
+    if config.get("budget"):
+        budget = config["budget"]
+        console.print(
+            f"budget {budget['max_increase']:.1%}: chose sparsity {budget['sparsity']:.1%}, perplexity {budget['perplexity']:.2f} "
+            f"vs dense {budget['dense_perplexity']:.2f} (+{budget['increase']:.1%}) on {budget['windows']} windows of calibration text, "
+            f"{len(budget['trials'])} trials"
+        )
     if evaluation:
         console.print(
             f"perplexity {evaluation['perplexity']:.2f} on {evaluation['text']} ({evaluation['windows']} windows, "
@@ -197,7 +217,7 @@ def evaluate(
     protocol: Annotated[str, typer.Option("--protocol", help="strict: every position sparsified; half-dense: first half of each window dense.")] = "strict",
     dense: Annotated[bool, typer.Option("--dense", help="Evaluate the same weights with sparsity turned off.")] = False,
     compare_dense: Annotated[bool, typer.Option("--compare-dense", help="Also evaluate with sparsity off and print both side by side.")] = False,
-    backend: BackendOpt = "torch",
+    backend: BackendOpt = "auto",
     per_module: Annotated[bool, typer.Option("--per-module", help="Print the realized sparsity of every module.")] = False,
     threads: ThreadsOpt = None,
     allow_pickle: AllowPickleOpt = False,
@@ -226,6 +246,7 @@ def evaluate(
         with bar, sparsity_control(model, enabled=enabled):
             results[label] = perplexity(model, tokenizer, sources, window=window, max_windows=windows or None,
                                         protocol=protocol, progress=update)
+    err_console.print(f"kernel backend: {model.moyu_backend or 'none (dense checkpoint)'}")
     if as_json:
         payload = {label: r.to_dict() for label, r in results.items()}
         print(json.dumps(payload if compare_dense else payload["sparse"], indent=2))
