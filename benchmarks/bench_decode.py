@@ -35,12 +35,14 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--prompt", default="The history of the Roman Empire")
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    dense, tokenizer = load_model(args.model_dir)
+    dtype = getattr(torch, args.dtype)
+    dense, tokenizer = load_model(args.model_dir, dtype=dtype)
     ids = tokenizer(args.prompt, return_tensors="pt").input_ids
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
@@ -48,9 +50,9 @@ def main() -> None:
             export = Path(scratch) / f"s{sparsity}"
             recipe = load_recipe(args.recipe).with_sparsity(sparsity)
             convert(args.model_dir, args.calibration, recipe, export, eval_windows=0)
-            reference = moyu_cli.load(export, backend="torch")
+            reference = moyu_cli.load(export, backend="torch", dtype=dtype)
             for backend in args.backends:
-                sparse = reference if backend == "torch" else moyu_cli.load(export, backend=backend)
+                sparse = reference if backend == "torch" else moyu_cli.load(export, backend=backend, dtype=dtype)
                 with torch.inference_mode():
                     result = run_bench(dense, sparse, ids, sparse.moyu_backend, new_tokens=args.new_tokens,
                                        repeats=args.repeats, reference=None if backend == "torch" else reference)

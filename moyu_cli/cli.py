@@ -320,6 +320,7 @@ def bench(
     backend: BackendOpt = "auto",
     check: Annotated[bool, typer.Option("--check/--no-check", help="Compare the sparse tokens with the torch reference backend.")] = True,
     threads: ThreadsOpt = None,
+    dtype: DtypeOpt = "float32",
     allow_pickle: AllowPickleOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -335,11 +336,14 @@ def bench(
     from .export import load
 
     _threads(threads)
-    sparse = load(model_dir, backend=backend, allow_pickle=allow_pickle)
+    dtype_value = _dtype(dtype)
+    sparse = load(model_dir, backend=backend, dtype=dtype_value, allow_pickle=allow_pickle)
     if sparse.moyu_config is None:
         raise MoyuError(f"{model_dir} is a dense checkpoint; bench an export written by moyu convert")
-    dense, tokenizer = load_model(model_dir, allow_pickle=allow_pickle)
-    reference = load(model_dir, backend="torch", allow_pickle=allow_pickle) if check and sparse.moyu_backend != "torch" else None
+    dense, tokenizer = load_model(model_dir, dtype=dtype_value, allow_pickle=allow_pickle)
+    reference = None
+    if check and sparse.moyu_backend != "torch":
+        reference = load(model_dir, backend="torch", dtype=dtype_value, allow_pickle=allow_pickle)
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     dense_prefill = sparse.moyu_config.get("prefill") == "dense"
     err_console.print(f"kernel backend: {sparse.moyu_backend}")

@@ -107,9 +107,10 @@ class SparseLinear(_SparseBase):
     def _sparse(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight is None:
             if self.track:
-                self._count(x.abs() > self.threshold)
+                self._count(x.abs() > self.threshold.to(x.dtype))
             return self.backend.sparse_linear(x, self.weight_t, self.threshold, self.bias)
-        mask = x.abs() > self.threshold
+        # Compare in the activation dtype, as every kernel does (a bf16 model rounds its thresholds).
+        mask = x.abs() > self.threshold.to(x.dtype)
         self._count(mask)
         return F.linear(torch.where(mask, x, torch.zeros((), dtype=x.dtype)), self.weight, self.bias)
 
@@ -141,7 +142,7 @@ class SparseGatedMLP(_SparseBase):
 
     def _sparse(self, x: torch.Tensor) -> torch.Tensor:
         active = self.act_fn(self.gate_proj(x))
-        mask = active.abs() > self.threshold
+        mask = active.abs() > self.threshold.to(active.dtype)
         self._count(mask)
         active = torch.where(mask, active, torch.zeros((), dtype=active.dtype))
         if self.backend_name == "torch":
