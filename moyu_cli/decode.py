@@ -31,6 +31,45 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
+class _Fused:
+    """Sibling sparse projections that share their input and threshold, run as one kernel call."""
+
+    modules: list[nn.Module]
+    weight_t: torch.Tensor  # [K, sum of N], the modules' transposed weights side by side
+    threshold: torch.Tensor
+    bias: torch.Tensor | None
+    sizes: list[int]
+
+    @classmethod
+    def build(cls, modules: list[nn.Module]) -> "_Fused | None":
+        from .modeling import SparseLinear
+
+        first = modules[0]
+        if not all(isinstance(m, SparseLinear) and m.weight_t is not None for m in modules):
+            return None
+        if not all(m.backend is first.backend and torch.equal(m.threshold, first.threshold) for m in modules):
+            return None
+        biases = [m.bias for m in modules]
+        bias = None if all(b is None for b in biases) else torch.cat(
+            [b if b is not None else torch.zeros(m.out_features) for b, m in zip(biases, modules)])
+        return cls(modules, torch.cat([m.weight_t for m in modules], dim=1).contiguous(), first.threshold, bias,
+                   [m.out_features for m in modules])
+
+    def usable(self, x: torch.Tensor) -> bool:
+        # The fused call skips the modules' own forward, so it is taken only where that forward
+        # would run the plain sparse kernel: no tracking, no dense prefix, no dense prefill.
+        module = self.modules[0]
+        return (module.enabled and not module.track and module.dense_prefix == 0
+                and not (module.dense_prefill and x.shape[-2] > 1) and x.shape[-2] <= 8)
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if not self.usable(x):
+            return [module(x) for module in self.modules]
+        y = self.modules[0].backend.sparse_linear(x, self.weight_t, self.threshold, self.bias)
+        return list(torch.split(y, self.sizes, dim=-1))
+
+
+@dataclass
 class _Layer:
     attn: nn.Module
     input_norm: nn.Module
@@ -44,6 +83,8 @@ class _Layer:
     scaling: float
     window: int | None
     rope_key: str | None
+    qkv: _Fused | None = None
+    gate_up: _Fused | None = None
 
 
 class LeanDecoder:
@@ -52,9 +93,12 @@ class LeanDecoder:
     Args:
         model: a causal LM from transformers, with or without moyu's sparse modules.
         max_length: prompt plus generated tokens; sets the cache size.
+        fuse: run q/k/v, and gate/up of Llama-style MLPs, as one kernel call each when they are
+            sparse with the same threshold (uniform recipes). This keeps a second, concatenated
+            copy of those weights.
     """
 
-    def __init__(self, model: nn.Module, max_length: int):
+    def __init__(self, model: nn.Module, max_length: int, fuse: bool = False):
         self.model = model
         self.max_length = max_length
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
@@ -64,6 +108,12 @@ class LeanDecoder:
         _, layers = find_decoder_layers(model)
         self.backbone = model.get_submodule(self._backbone_path(model))
         self.layers = [self._describe_layer(layer, config, model) for layer in layers]
+        if fuse:
+            for layer in self.layers:
+                attn, mlp = layer.attn, layer.mlp
+                layer.qkv = _Fused.build([attn.q_proj, attn.k_proj, attn.v_proj])
+                if all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+                    layer.gate_up = _Fused.build([mlp.gate_proj, mlp.up_proj])
         dtype = next(model.parameters()).dtype
         self.keys = [torch.zeros(1, l.kv_heads, max_length, l.head_dim, dtype=dtype) for l in self.layers]
         self.values = [torch.zeros_like(k) for k in self.keys]
@@ -115,9 +165,13 @@ class LeanDecoder:
         steps = h.shape[1]
         start, end = self.length, self.length + steps
         attn = layer.attn
-        q = attn.q_proj(h).view(1, steps, layer.heads, layer.head_dim).transpose(1, 2)
-        k = attn.k_proj(h).view(1, steps, layer.kv_heads, layer.head_dim).transpose(1, 2)
-        v = attn.v_proj(h).view(1, steps, layer.kv_heads, layer.head_dim).transpose(1, 2)
+        if layer.qkv is not None:
+            q, k, v = layer.qkv(h)
+        else:
+            q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+        q = q.view(1, steps, layer.heads, layer.head_dim).transpose(1, 2)
+        k = k.view(1, steps, layer.kv_heads, layer.head_dim).transpose(1, 2)
+        v = v.view(1, steps, layer.kv_heads, layer.head_dim).transpose(1, 2)
         if hasattr(attn, "q_norm"):
             q, k = attn.q_norm(q), attn.k_norm(k)
         cos, sin = self.rope[layer.rope_key]
@@ -141,6 +195,13 @@ class LeanDecoder:
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=layer.scaling, enable_gqa=True)
         return attn.o_proj(out.transpose(1, 2).reshape(1, steps, layer.heads * layer.head_dim))
 
+    @staticmethod
+    def _mlp(layer: _Layer, h: torch.Tensor) -> torch.Tensor:
+        if layer.gate_up is None:
+            return layer.mlp(h)
+        gate, up = layer.gate_up(h)
+        return layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
+
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """Run `ids [1, T]` at the current position; returns the logits of the last position `[vocab]`."""
@@ -151,10 +212,10 @@ class LeanDecoder:
             attended = self._attention(index, layer, layer.input_norm(x))
             if layer.pre_mlp_norm is None:
                 x = x + attended
-                x = x + layer.mlp(layer.post_attn_norm(x))
+                x = x + self._mlp(layer, layer.post_attn_norm(x))
             else:
                 x = x + layer.post_attn_norm(attended)
-                x = x + layer.post_mlp_norm(layer.mlp(layer.pre_mlp_norm(x)))
+                x = x + layer.post_mlp_norm(self._mlp(layer, layer.pre_mlp_norm(x)))
         self.length += ids.shape[1]
         logits = self.model.lm_head(self.backbone.norm(x[:, -1:]))[0, 0]
         if self.final_softcap is not None:

@@ -30,7 +30,7 @@ class Generation:
 def _lean_greedy(model, ids: torch.Tensor, max_new_tokens: int, eos: int | None) -> torch.Tensor | None:
     """Greedy-decode with the lean static-cache loop; None when the model's layout is not supported."""
     try:
-        decoder = LeanDecoder(model, ids.shape[1] + max_new_tokens + 1)
+        decoder = LeanDecoder(model, ids.shape[1] + max_new_tokens + 1, fuse=True)
     except UnsupportedArchitectureError as exc:
         logger.info("using transformers' generate: %s", exc)
         return None

@@ -45,6 +45,20 @@ def test_sparse_decode_matches_sparse_forward(tiny_llama, text_file, tmp_path):
     assert float((got - expected).abs().max()) < TOLERANCE
 
 
+def test_fused_projections_match_unfused(tiny_llama, text_file, tmp_path):
+    calibrate(tiny_llama, [str(text_file)], tmp_path / "c.calib", tokens=512, window=128)
+    convert(tiny_llama, tmp_path / "c.calib", load_recipe("teal-uniform"), tmp_path / "out", eval_windows=0)
+    model = moyu_cli.load(tmp_path / "out", backend="cpu")
+    fused = LeanDecoder(model, 32, fuse=True)
+    assert all(layer.qkv is not None and layer.gate_up is not None for layer in fused.layers)
+    plain = LeanDecoder(model, 32)
+    ids = torch.randint(3, 384, (1, 6))
+    assert float((fused.forward(ids) - plain.forward(ids)).abs().max()) < TOLERANCE
+    for token in (7, 8, 9):
+        step = torch.tensor([[token]])
+        assert float((fused.forward(step) - plain.forward(step)).abs().max()) < TOLERANCE
+
+
 def test_cache_overflow_is_reported(tiny_llama):
     model = AutoModelForCausalLM.from_pretrained(tiny_llama)
     decoder = LeanDecoder(model, 8)
