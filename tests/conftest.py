@@ -13,6 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
+# Triton reads TRITON_INTERPRET when it is first imported, and transformers can import triton while
+# other test modules are collected, so without a GPU the switch is set here, before any of them.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("MOYU_SHARED_DATA", REPO.parent / "shared" / "data"))
 VALID_TXT = SHARED_DATA / "wikitext-2" / "valid.txt"
