@@ -165,3 +165,17 @@ def test_generate_sparse_and_dense_prefill(tiny_llama, calibrations, tmp_path):
     config["prefill"] = "dense"
     (out / "moyu.json").write_text(json.dumps(config))
     assert generate(out, "The function", max_new_tokens=4, backend="torch").prefill == "dense"
+
+
+def test_sharded_checkpoint(tiny_llama, text_file, tmp_path):
+    sharded = tmp_path / "sharded"
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    model.save_pretrained(sharded, max_shard_size="100KB")
+    AutoTokenizer.from_pretrained(tiny_llama).save_pretrained(sharded)
+    assert (sharded / "model.safetensors.index.json").is_file()
+    calibrate(sharded, [str(text_file)], tmp_path / "c.calib", tokens=256, window=128)
+    out = tmp_path / "out"
+    convert(sharded, tmp_path / "c.calib", load_recipe("teal-uniform"), out, eval_windows=0)
+    assert (out / "model.safetensors.index.json").is_file()
+    assert len(list(out.glob("*.safetensors"))) == len(list(sharded.glob("*.safetensors"))) + 1
+    assert len(sparse_modules(moyu_cli.load(out, backend="torch"))) == 14
