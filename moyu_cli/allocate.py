@@ -73,10 +73,10 @@ def greedy_path(
     Each step raises, by `step`, the sparsity of the group whose raise costs the least error
     increase per byte saved (a raise that lowers the error wins outright). The search is lazy: a
     group's cost measured at an earlier state is kept until that group becomes the cheapest, and
-    only then measured again at the current state. A raise is taken only when its cost is fresh,
-    so with costs that only grow as other groups get sparser (diminishing returns) this takes the
-    same steps as measuring every group at every step, with far fewer calls of `error_of`. The
-    last raise is shortened so the final state skips exactly `target_bytes`.
+    only then measured again at the current state. A raise is taken only when its cost is fresh.
+    When costs only grow as other groups get sparser (diminishing returns), this takes the same
+    steps as measuring every group at every step, with far fewer calls of `error_of`. The last
+    raise is shortened so that the final state skips exactly `target_bytes`.
 
     Raises:
         ValueError: `target_bytes` exceeds what the groups can skip at `max_sparsity`.
@@ -142,8 +142,8 @@ def allocate_layers(curves: list[list[tuple[float, float]]], target_bytes: float
 
     Returns:
         Bytes to skip per layer, summing to `target_bytes`. Each curve is replaced by its lower
-        convex hull, on which taking segments in order of increasing error per byte is optimal;
-        the last segment taken is cut to meet the target exactly.
+        convex hull, because on convex curves taking segments in order of increasing error per
+        byte is optimal. The last segment taken is cut to meet the target exactly.
 
     Raises:
         ValueError: the curves together cannot reach `target_bytes`.
@@ -163,9 +163,9 @@ def allocate_layers(curves: list[list[tuple[float, float]]], target_bytes: float
     for _, layer, width in segments:
         if remaining <= 0:
             break
-        taken = min(width, remaining)
-        budgets[layer] += taken
-        remaining -= taken
+        portion = min(width, remaining)
+        budgets[layer] += portion
+        remaining -= portion
     return budgets
 
 
@@ -212,7 +212,7 @@ class LayerReplay:
 
 @dataclass
 class SearchCost:
-    """What a search spent: layer forwards and seconds."""
+    """Cost of a search: decoder layer forwards, seconds and tokens per forward."""
 
     layer_forwards: int = 0
     seconds: float = 0.0
@@ -222,8 +222,8 @@ class SearchCost:
 class AllocationSearch:
     """Greedy allocation on one model with sparse modules already swapped in (torch backend).
 
-    `set_threshold(module, sparsity)` must put the threshold of sparse module `module` at
-    `sparsity` in place; the search calls it for every member of a group.
+    `set_threshold(module, sparsity)` must set the threshold of sparse module `module` for
+    `sparsity` in place. The search calls it for every member of a group.
     """
 
     def __init__(
@@ -274,6 +274,7 @@ class AllocationSearch:
         for layer, target in enumerate(layer_targets):
             result.append(self._search_layer(layer, self.replay.inputs[layer], target)[-1].sparsity)
             self._apply(layer, {})
+            logger.info("layer %d: %s (%d layer forwards so far)", layer, result[-1], self.cost.layer_forwards)
         return result
 
     def dense_paths(self, limits: list[float]) -> list[list[PathPoint]]:
@@ -292,8 +293,8 @@ class AllocationSearch:
     def greedy(self, target_bytes: float, limits: list[float]) -> tuple[list[dict[str, float]], list[float]]:
         """Return per-layer group sparsities and byte budgets for a model-wide `target_bytes`.
 
-        Layer budgets come from the dense-input paths, which stop at `limits[layer]` bytes; each
-        layer is then searched again in order on the output of the sparsified layers before it.
+        Layer budgets come from the dense-input paths, which stop at `limits[layer]` bytes. Each
+        layer is then searched again, in order, on the output of the sparsified layers before it.
         """
         curves = [[(point.skipped_bytes, point.error) for point in path] for path in self.dense_paths(limits)]
         budgets = allocate_layers(curves, target_bytes)
@@ -302,6 +303,7 @@ class AllocationSearch:
         for layer, budget in enumerate(budgets):
             path = self._search_layer(layer, hidden, budget)
             result.append(path[-1].sparsity)
+            logger.info("layer %d, sequential: %s (%d layer forwards so far)", layer, result[-1], self.cost.layer_forwards)
             self._apply(layer, result[-1])
             hidden = self.replay.run(layer, hidden)
             self.cost.layer_forwards += 1
@@ -373,6 +375,10 @@ class RecipeAllocator:
         self._cache: dict[tuple[str, float], torch.Tensor] = {}
         self.search = AllocationSearch(LayerReplay(model, layers, input_ids), layer_groups, self._set_threshold,
                                        settings.step, settings.max_sparsity)
+
+    def targeted_fraction(self) -> float:
+        """Return the fraction of all decoder linear weight bytes that the recipe's modules read."""
+        return sum(g.bytes for g in self.groups.values()) / self.total_bytes
 
     def _set_threshold(self, module: str, sparsity: float) -> None:
         key = (module, round(sparsity, 6))

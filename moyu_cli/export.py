@@ -13,6 +13,7 @@ Export format (format version 1), one directory:
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import shutil
@@ -32,9 +33,8 @@ from .data import read_text
 from .errors import CheckpointError, MoyuError
 from .evaluate import perplexity
 from .modeling import ModulePlan, apply_plan
-from .observers import fraction_at_or_below
 from .recipe import Recipe, parse_recipe
-from .sparsify import plan_from_recipe
+from .sparsify import calibrated_sparsity, module_scores, plan_from_recipe
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +63,69 @@ def _plan_summary(plan: dict[str, ModulePlan], calibrated: dict[str, float]) -> 
     }
 
 
+def _calibration_sources(calibration, purpose: str) -> list:
+    files = [d["name"] for d in calibration.metadata["data"]]
+    missing = [name for name in files if not Path(name).is_file()]
+    if missing:
+        raise MoyuError(f"{purpose} runs on the calibration text, but {missing[0]} is not found; restore it or recalibrate")
+    return [read_text(name) for name in files]
+
+
+def _plan_recipe(recipe: Recipe, model, tokenizer, layout, calibration, max_ppl_increase: float | None, budget_windows: int):
+    """Return the recipe (its sparsity chosen by the budget search when one is set), plan, allocation and budget reports."""
+    allocator = None
+    if recipe.allocation != "uniform":
+        from .allocate import RecipeAllocator
+
+        # The search swaps sparse modules in, so it runs on its own copy of the model.
+        allocator = RecipeAllocator(recipe, copy.deepcopy(model), tokenizer, calibration, _calibration_sources(calibration, "the allocation search"))
+    reports: dict[float, dict] = {}
+    plans: dict[float, dict[str, ModulePlan]] = {}
+
+    def plan_for(sparsity: float) -> dict[str, ModulePlan]:
+        if sparsity not in plans:
+            sparsities = None
+            if allocator is not None:
+                sparsities, reports[sparsity] = allocator.sparsities_for(sparsity)
+            plans[sparsity] = plan_from_recipe(recipe.with_sparsity(sparsity), layout, calibration, sparsities)
+        return plans[sparsity]
+
+    budget = None
+    if max_ppl_increase is not None:
+        from .budget import search_sparsity
+
+        upper = allocator.search.max_sparsity * allocator.targeted_fraction() if allocator else 0.95
+        result = search_sparsity(model, tokenizer, _calibration_sources(calibration, "the perplexity budget search"), plan_for,
+                                 max_ppl_increase, upper=upper, windows=budget_windows, window=calibration.metadata["window"])
+        budget = result.to_dict()
+        recipe = recipe.with_sparsity(result.sparsity)
+    plan = plan_for(recipe.sparsity)
+    return recipe, plan, reports.get(recipe.sparsity), budget
+
+
+def _rewire(recipe: Recipe, model, tokenizer, layout, calibration, plan: dict[str, ModulePlan]):
+    """Measure neuron frequencies under `plan` on calibration windows, then permute `model` in place."""
+    from .data import tokenize, uses_bos, windows
+    from .rewire import neuron_frequency, rewire
+
+    settings = recipe.rewire
+    sources = _calibration_sources(calibration, "neuron rewiring")
+    bos = tokenizer.bos_token_id if uses_bos(tokenizer) else None
+    window = calibration.metadata["window"]
+    batch = windows(tokenize(tokenizer, sources), window, bos_id=bos)
+    order = torch.randperm(batch.shape[0], generator=torch.Generator().manual_seed(settings.seed))[: max(1, settings.tokens // window)]
+    measured = copy.deepcopy(model)
+    apply_plan(measured, plan, backend="torch")
+    frequencies: dict[str, torch.Tensor] = {}
+    for index in order.tolist():
+        # `layout` names the same modules in the copy; neuron_frequency looks them up by name.
+        for name, value in neuron_frequency(measured, layout, batch[index : index + 1]).items():
+            frequencies[name] = frequencies.get(name, 0) + value / len(order)
+    del measured
+    plan, report = rewire(model, layout, plan, frequencies, settings.core_frequency)
+    return plan, report.to_dict() | {"core_frequency": settings.core_frequency, "tokens": len(order) * window}
+
+
 def convert(
     model_dir: str | Path,
     calibration_path: str | Path,
@@ -72,8 +135,14 @@ def convert(
     eval_windows: int = 8,
     overwrite: bool = False,
     allow_pickle: bool = False,
+    max_ppl_increase: float | None = None,
+    budget_windows: int = 8,
 ) -> dict:
     """Apply `recipe` to `model_dir` with the statistics in `calibration_path` and export to `output`.
+
+    With `max_ppl_increase` (0.05 for 5%), the recipe's sparsity is replaced by the highest
+    model-wide sparsity whose perplexity on `budget_windows` windows of the calibration text is
+    at most that much above the dense model's (see budget.py).
 
     Returns:
         The contents written to `moyu.json`.
@@ -88,11 +157,15 @@ def convert(
         )
     model, tokenizer = load_model(source, allow_pickle=allow_pickle)
     layout = discover(model)
-    plan = plan_from_recipe(recipe, layout, calibration)
-    calibrated = {}
-    for name, entry in plan.items():
-        stats = calibration.statistics_for(name)
-        calibrated[name] = fraction_at_or_below(stats.histogram, float(entry.threshold[0]))
+    recipe, plan, allocation, budget = _plan_recipe(recipe, model, tokenizer, layout, calibration, max_ppl_increase, budget_windows)
+    scores = module_scores(recipe, layout)
+    calibrated = {
+        name: calibrated_sparsity(scores.get(name, "magnitude"), name, entry, layout, calibration) for name, entry in plan.items()
+    }
+    rewired_model, rewiring = None, None
+    if recipe.rewire is not None:
+        plan, rewiring = _rewire(recipe, model, tokenizer, layout, calibration, plan)
+        rewired_model = copy.deepcopy(model)
     apply_plan(model, plan, backend="torch")
     if eval_data:
         sources = [read_text(spec) for spec in eval_data]
@@ -112,12 +185,23 @@ def convert(
         "recipe": recipe.to_dict(),
         "prefill": recipe.prefill,
         "modules": _plan_summary(plan, calibrated),
-        "calibration": {k: v for k, v in calibration.metadata.items() if k != "site_of"} | {"file": str(Path(calibration_path).resolve())},
+        "calibration": {k: v for k, v in calibration.metadata.items() if k not in ("site_of", "weighted_of")}
+        | {"file": str(Path(calibration_path).resolve())},
+        "allocation": allocation,
+        "budget": budget,
+        "rewire": rewiring,
         "evaluation": evaluation,
     }
     try:
         with atomic_directory(out) as staging:
             _copy_checkpoint(source, staging)
+            if rewired_model is not None:
+                # The neurons are permuted, so the weights are written anew (same names, same
+                # function) in place of the copied ones.
+                for file in staging.glob("*.safetensors*"):
+                    file.unlink()
+                (staging / "model.safetensors.index.json").unlink(missing_ok=True)
+                rewired_model.save_pretrained(staging, safe_serialization=True)
             save_file({f"{name}.threshold": entry.threshold for name, entry in plan.items()}, staging / THRESHOLDS_FILE)
             (staging / MOYU_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     except OSError as exc:

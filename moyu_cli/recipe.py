@@ -63,9 +63,18 @@ class GatedMlpModifier(_Strict):
 class SearchSettings(_Strict):
     """Settings of the greedy allocation searches (`allocation: block-greedy | greedy`)."""
 
-    tokens: int = Field(default=2048, ge=1)  # calibration tokens the layer errors are measured on
+    # Calibration tokens the layer errors are measured on, in whole calibration windows (at least one).
+    tokens: int = Field(default=2048, ge=1)
     step: float = Field(default=0.1, gt=0.0, le=1.0)  # sparsity raise of one group per greedy step
     max_sparsity: float = Field(default=0.95, gt=0.0, lt=1.0)  # upper bound of any group's sparsity
+    seed: int = 0  # chooses the calibration windows
+
+
+class RewireSettings(_Strict):
+    """Neuron rewiring (rewire.py): MLP neurons sorted by activation frequency, the frequent core dense."""
+
+    core_frequency: float = Field(default=0.95, gt=0.0, le=1.0)  # neurons kept at least this often form the dense core
+    tokens: int = Field(default=4096, ge=1)  # calibration tokens the frequencies are measured on
     seed: int = 0  # chooses the calibration windows
 
 
@@ -85,6 +94,7 @@ class Recipe(_Strict):
     # the searches in allocate.py (block-greedy: the same fraction in every layer).
     allocation: Literal["uniform", "block-greedy", "greedy"] = "uniform"
     search: SearchSettings = Field(default_factory=SearchSettings)
+    rewire: RewireSettings | None = None  # null: neurons keep their order and every threshold stays
     modifiers: list[Modifier] = Field(min_length=1)
 
     @model_validator(mode="after")

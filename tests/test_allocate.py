@@ -180,3 +180,31 @@ def test_recipe_rejects_unknown_score():
     data = {"version": 1, "name": "t", "sparsity": 0.5, "modifiers": [{"type": "magnitude", "score": "wina"}]}
     with pytest.raises(RecipeError, match="modifiers.0.magnitude.score"):
         parse_recipe(data)
+
+
+def test_calibration_without_weighted_loads(tiny_llama, tiny_calibration, tmp_path):
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from moyu_cli.errors import CalibrationError
+
+    # A file as written before weight-aware scores: no weighted histograms, no "weighted_of".
+    path = tmp_path / "old.calib"
+    source = tmp_path / "new.calib"
+    calibrate(tiny_llama, [tiny_calibration.metadata["data"][0]["name"]], source, tokens=256, window=128)
+    with safe_open(source, framework="pt") as handle:
+        metadata = json.loads(handle.metadata()["moyu"])
+        tensors = {key: handle.get_tensor(key) for key in handle.keys() if ".weighted." not in key}
+    del metadata["weighted_of"]
+    save_file(tensors, path, metadata={"moyu": json.dumps(metadata)})
+
+    old = load_calibration(path)
+    assert old.weighted == {}
+    assert len(old.sites) == 2 * 5
+    model, _ = load_model(tiny_llama)
+    layout = discover(model)
+    assert plan_from_recipe(recipe("uniform", "magnitude"), layout, old)
+    with pytest.raises(CalibrationError, match="recalibrate"):
+        plan_from_recipe(recipe("uniform", "weighted"), layout, old)
