@@ -247,7 +247,7 @@ def load(path: str | Path, backend: str = "auto", dtype: torch.dtype = torch.flo
         backend: kernel backend, "auto", "torch", "cpu" or "triton".
 
     Returns:
-        The transformers model with sparse modules in place; `model.moyu_config` holds `moyu.json`
+        The transformers model with sparse modules in place; `model.moyu_config` is the parsed `moyu.json`
         (None for a dense checkpoint) and `model.moyu_backend` the backend in use. Load the
         tokenizer with `transformers.AutoTokenizer.from_pretrained(path)`.
     """
