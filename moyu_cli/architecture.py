@@ -19,7 +19,7 @@ from .errors import UnsupportedArchitectureError
 
 @dataclass
 class DecoderLayout:
-    """Where the sparsifiable modules of a model are."""
+    """Locations of the sparsifiable modules of a model."""
 
     layers_path: str  # e.g. "model.layers"
     linears: dict[str, nn.Linear]  # full module name -> module, in forward order

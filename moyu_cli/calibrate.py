@@ -36,7 +36,7 @@ from .observers import SiteStatistics, magnitude_histogram
 logger = logging.getLogger(__name__)
 
 CALIBRATION_FORMAT = 1
-DEFAULT_TOKENS = 32768  # 64 windows of 512; each site then sees 18M to 50M values on SmolLM2-135M
+DEFAULT_TOKENS = 32768  # 64 windows of 512; each site then observes 18M to 50M values on SmolLM2-135M
 DEFAULT_WINDOW = 512
 
 
@@ -174,7 +174,7 @@ def calibrate(
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(batch.shape[0], generator=generator)[: max(1, tokens // window)]
     recorder = _Recorder(model)
-    # The backbone (the module that holds the decoder layers) is enough: the LM head observes
+    # The backbone (the module that contains the decoder layers) is enough: the LM head observes
     # nothing and, with Gemma's 262k vocabulary, costs more than all the layers together.
     backbone = model.get_submodule(recorder.layout.layers_path.rpartition(".")[0])
     started = time.perf_counter()
@@ -190,7 +190,7 @@ def calibrate(
         recorder.remove()
     seen = len(order) * window
     if seen < tokens:
-        logger.warning("the text holds only %d windows of %d tokens: calibrated on %d tokens, not %d", len(order), window, seen, tokens)
+        logger.warning("the text has only %d windows of %d tokens, so calibration used %d tokens instead of %d; pass more text to reach --tokens", len(order), window, seen, tokens)
     metadata = {
         "format": CALIBRATION_FORMAT,
         "model": {"path": str(Path(model_dir).resolve()), "hash": checkpoint_hash(model_dir), "model_type": model.config.model_type},

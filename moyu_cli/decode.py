@@ -193,6 +193,7 @@ class LeanDecoder:
         steps = h.shape[1]
         start, end = self.length, self.length + steps
         attn = layer.attn
+
         if layer.qkv is not None:
             q, k, v = layer.qkv(h)
         else:
@@ -202,12 +203,14 @@ class LeanDecoder:
         v = v.view(1, steps, layer.kv_heads, layer.head_dim).transpose(1, 2)
         if layer.q_norm is not None:
             q, k = layer.q_norm(q), layer.k_norm(k)
+
         cos, sin = self.rope[layer.rope_key]
         cos, sin = cos[start:end], sin[start:end]
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
         self.keys[index][:, :, start:end] = k
         self.values[index][:, :, start:end] = v
+
         # The earliest key any query of this block may attend to: query `start` reaches back to
         # position start - window + 1.
         first = 0 if layer.window is None else max(0, start - layer.window + 1)
@@ -221,6 +224,7 @@ class LeanDecoder:
             if layer.window is not None:
                 allowed &= query_pos - key_pos < layer.window
             mask = allowed
+
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=layer.scaling, enable_gqa=True)
         return attn.o_proj(out.transpose(1, 2).reshape(1, steps, layer.heads * layer.head_dim))
 
@@ -235,7 +239,9 @@ class LeanDecoder:
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """Run `ids [1, T]` at the current position; returns the logits of the last position `[vocab]`."""
         if self.length + ids.shape[1] > self.max_length:
-            raise ValueError(f"sequence would reach {self.length + ids.shape[1]} tokens; the cache holds {self.max_length}")
+            raise ValueError(
+                f"sequence would reach {self.length + ids.shape[1]} tokens but the cache holds {self.max_length}; "
+                "create the LeanDecoder with a larger max_length")
         x = self.backbone.embed_tokens(ids)
         for index, layer in enumerate(self.layers):
             attended = self._attention(index, layer, layer.input_norm(x))

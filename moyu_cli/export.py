@@ -150,7 +150,8 @@ def convert(
     source = check_checkpoint(model_dir, allow_pickle=allow_pickle)
     out = prepare_output(output, overwrite, [source, Path(calibration_path)])
     calibration = load_calibration(calibration_path)
-    if calibration.metadata["model"]["hash"] != checkpoint_hash(source):
+    source_hash = checkpoint_hash(source)
+    if calibration.metadata["model"]["hash"] != source_hash:
         raise MoyuError(
             f"calibration {calibration_path} was made on {calibration.metadata['model']['path']}, not on {source}; "
             f"recalibrate with: moyu calibrate {source} --data TEXT --output CALIB"
@@ -181,7 +182,7 @@ def convert(
     config = {
         "format_version": FORMAT_VERSION,
         "moyu_version": __version__,
-        "source": {"path": str(source.resolve()), "hash": checkpoint_hash(source)},
+        "source": {"path": str(source.resolve()), "hash": source_hash},
         "recipe": recipe.to_dict(),
         "prefill": recipe.prefill,
         "modules": _plan_summary(plan, calibrated),

@@ -93,8 +93,8 @@ class SparseLinear(_SparseBase):
             self.weight = linear.weight
             self.weight_t = None
         else:
-            # Converting at load time costs one transpose per layer (about 0.1 s for all of
-            # SmolLM2-135M) and keeps the exported safetensors loadable by plain transformers.
+            # Converting at load time costs one transpose per layer (0.46 s for all 210 of
+            # SmolLM2-135M's layers, 2 cores) and keeps the export loadable by plain transformers.
             self.weight = None
             self.register_buffer("weight_t", linear.weight.detach().t().contiguous(), persistent=False)
 

@@ -4,7 +4,7 @@ Memory stays constant in the number of calibration tokens: each observed site ke
 histogram of |x| over log-spaced bins plus per-channel sums, never the activations themselves.
 
 Histogram bins come straight from the float32 bit pattern: the 8 exponent bits and the top 8
-mantissa bits of |x| form the bin key, so binning is one integer shift per entry. Bin 0 holds
+mantissa bits of |x| form the bin key, so binning is one integer shift per entry. Bin 0 counts
 |x| < 2**MIN_EXP (zeros included); bin i >= 1 covers one 1/256 step of the mantissa in one
 octave, [2**e * (1 + m/256), 2**e * (1 + (m+1)/256)) with e = MIN_EXP + (i-1) // 256 and
 m = (i-1) % 256, and the last bin also takes everything from 2**MAX_EXP up. One bin spans at most

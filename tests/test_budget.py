@@ -54,7 +54,7 @@ def test_budget_sparsity_within_budget(tiny_llama, text_file, budget_calibration
     assert config["budget"]["increase"] <= budget
     # Measured again from the export, on the same calibration windows.
     assert measured_increase(export, tiny_llama, text_file, windows=6) <= budget + 1e-6
-    # The search brackets the answer: some trial above the chosen sparsity went over budget.
+    # The search brackets the result: some trial above the chosen sparsity went over budget.
     assert any(t["sparsity"] > chosen and t["increase"] > budget for t in config["budget"]["trials"])
 
 

@@ -46,7 +46,7 @@ def test_bins_within_an_octave():
 
 def test_quantile_of_hand_computed_values():
     # |x| = 1..100 (signs alternate). The exact 0.5-quantile lies between 50 and 51; the
-    # 0.9-quantile between 90 and 91. The histogram answer must fall in that gap, up to one bin.
+    # 0.9-quantile between 90 and 91. The histogram result must fall in that gap, up to one bin.
     values = torch.arange(1, 101, dtype=torch.float32) * torch.tensor([1.0, -1.0]).repeat(50)
     counts = magnitude_histogram(values)
     assert counts.sum() == 100

@@ -21,7 +21,7 @@ BACKENDS = ("auto", "torch", "cpu", "triton")
 
 
 class BackendUnavailable(RuntimeError):
-    """The requested kernel backend cannot run on this machine (the message says why)."""
+    """The requested kernel backend cannot run on this machine (the message gives the reason)."""
 
 
 def _load(name: str) -> ModuleType:
