@@ -1,4 +1,4 @@
-"""Perplexity of recipes at one model-wide sparsity, with the dense baseline, as a markdown table.
+"""Perplexity of recipes at given sparsities, with the dense baseline, as a markdown table.
 
 Every recipe is planned from the same calibration file, and its allocation search, if any, runs
 on the calibration text. Each recipe is evaluated on the evaluation text under each protocol and
@@ -7,12 +7,13 @@ and the cost of its allocation search.
 
 Run (docs/recipes.md):
     python -P benchmarks/recipes_table.py models/smollm2-135m --calibration runs/smollm2-135m-wina.calib \\
-        --recipes teal-uniform teal-block-greedy wina-uniform teal-greedy wina-greedy --sparsity 0.5
+        --recipes teal-uniform teal-block-greedy wina-uniform teal-greedy wina-greedy --sparsities 0.5
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -25,6 +26,7 @@ from moyu_cli.calibrate import calibrate, load_calibration
 from moyu_cli.checkpoint import load_model
 from moyu_cli.data import read_text
 from moyu_cli.evaluate import perplexity
+from moyu_cli.export import _recover
 from moyu_cli.modeling import apply_plan
 from moyu_cli.recipe import load_recipe
 from moyu_cli.sparsify import plan_from_recipe
@@ -36,7 +38,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model_dir", type=Path)
     parser.add_argument("--recipes", nargs="*", default=["teal-uniform", "teal-block-greedy", "wina-uniform", "teal-greedy", "wina-greedy"])
-    parser.add_argument("--sparsity", type=float, default=0.5, help="target sparsity: per module for uniform recipes, model-wide for allocation recipes")
+    parser.add_argument("--sparsities", type=float, nargs="+", default=[0.5],
+                        help="target sparsities: per module for uniform recipes, model-wide for allocation recipes")
     parser.add_argument("--calibration-data", default=str(SHARED / "wikitext-2" / "valid.txt"))
     parser.add_argument("--eval-data", default=str(SHARED / "wikitext-2-raw" / "wiki.test.raw"))
     parser.add_argument("--calibration", type=Path, required=True, help="calibration file; written here first when missing")
@@ -62,8 +65,10 @@ def main() -> None:
     rows = []
 
     def search_or_reuse(recipe, model, tokenizer) -> tuple[dict, dict]:
+        # Recovery settings do not change the search, so recipes that differ only there share it.
         settings = recipe.search.model_dump()
-        cached = None if args.allocations is None else args.allocations / f"{recipe.name}-{recipe.sparsity}.json"
+        key = recipe.model_copy(update={"recovery": None, "name": "", "description": ""}).model_dump_json()
+        cached = None if args.allocations is None else args.allocations / f"{recipe.allocation}-{recipe.sparsity}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.json"
         if cached is not None and cached.exists():
             saved = json.loads(cached.read_text())
             if saved["calibration"] == str(args.calibration.resolve()) and saved["search_settings"] == settings:
@@ -75,45 +80,53 @@ def main() -> None:
                                           "sparsities": sparsities, "report": report}, indent=1))
         return sparsities, report
 
-    def run(recipe_name: str | None) -> None:
+    def run(recipe_name: str | None, target: float | None) -> None:
         model, tokenizer = load_model(args.model_dir)
-        search = None
+        search, recovery = None, None
         if recipe_name is not None:
-            recipe = load_recipe(recipe_name).with_sparsity(args.sparsity)
+            recipe = load_recipe(recipe_name).with_sparsity(target)
             overrides = {"tokens": args.search_tokens, "step": args.search_step}
             overrides = {key: value for key, value in overrides.items() if value is not None}
             recipe = recipe.model_copy(update={"search": recipe.search.model_copy(update=overrides)})
             sparsities = None
             if recipe.allocation != "uniform":
                 sparsities, search = search_or_reuse(recipe, model, tokenizer)
-            apply_plan(model, plan_from_recipe(recipe, discover(model), calibration, sparsities), backend="torch")
+            plan = plan_from_recipe(recipe, discover(model), calibration, sparsities)
+            if recipe.recovery is not None:
+                recovery = _recover(recipe, model, tokenizer, calibration, plan)
+                print(json.dumps({"recipe": recipe_name, "target": target, "recovery": recovery}), flush=True)
+            apply_plan(model, plan, backend="torch")
         for protocol in args.protocols:
             started = time.perf_counter()
             result = perplexity(model, tokenizer, evaluation_text, max_windows=args.windows, protocol=protocol)
             rows.append({
-                "recipe": recipe_name or "dense", "target": None if recipe_name is None else args.sparsity, "protocol": protocol,
-                "perplexity": result.perplexity, "model_sparsity": result.model_sparsity, "search": search,
+                "recipe": recipe_name or "dense", "target": target, "protocol": protocol,
+                "perplexity": result.perplexity, "model_sparsity": result.model_sparsity, "search": search, "recovery": recovery,
+                "module_sparsity": result.module_sparsity,
                 "seconds": round(time.perf_counter() - started, 1),
             })
             print(json.dumps(rows[-1]), flush=True)
 
     if not args.no_dense:
-        run(None)
-    for recipe_name in args.recipes:
-        run(recipe_name)
+        run(None, None)
+    for target in args.sparsities:
+        for recipe_name in args.recipes:
+            run(recipe_name, target)
 
     print(f"\n{args.model_dir.name}: calibrated on {calibration.metadata['tokens']} tokens of "
           f"{Path(args.calibration_data).name}, evaluated on {args.windows} windows of 512 of {Path(args.eval_data).name}, "
           f"{args.threads} threads\n")
-    print("| recipe | target | protocol | perplexity | realized model-wide sparsity | allocation search |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| recipe | target | protocol | perplexity | realized model-wide sparsity | allocation search | recovery |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for row in rows:
         target = "-" if row["target"] is None else f"{row['target']:.0%}"
         sparsity = "-" if row["target"] is None else f"{row['model_sparsity']:.1%}"
         search = row["search"]
         cost = "-" if search is None else (f"{search['layer_forwards']} layer forwards on {search['search_tokens']} tokens, "
                                            f"{search['seconds'] / 60:.1f} min")
-        print(f"| {row['recipe']} | {target} | {row['protocol']} | {row['perplexity']:.2f} | {sparsity} | {cost} |")
+        recovery = row["recovery"]
+        tuned = "-" if recovery is None else f"{recovery['tokens']} tokens, {recovery['seconds'] / 60:.1f} min"
+        print(f"| {row['recipe']} | {target} | {row['protocol']} | {row['perplexity']:.2f} | {sparsity} | {cost} | {tuned} |")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
 

@@ -24,7 +24,7 @@ from torch import nn
 
 from .architecture import find_decoder_layers
 from .data import TextSource, tokenize, uses_bos, windows
-from .modeling import SparseGatedMLP, SparseLinear, sparse_modules, sparsity_control
+from .modeling import SequenceMLP, SparseGatedMLP, SparseLinear, sparse_modules, sparsity_control
 
 PROTOCOLS = ("strict", "half-dense")
 
@@ -65,6 +65,9 @@ def skipped_params(name: str, module: nn.Module, sparsity: float) -> float:
     if isinstance(module, SparseGatedMLP):
         # Each skipped neuron saves its row of up_proj and its column of down_proj.
         return sparsity * (module.up_proj.weight.numel() + module.down_proj.weight.numel())
+    if isinstance(module, SequenceMLP):
+        # A neuron left out of the selection saves its rows of gate_proj and up_proj and its column of down_proj.
+        return sparsity * (module.gate_proj.weight.numel() + module.up_proj.weight.numel() + module.down_proj.weight.numel())
     return sparsity * module.in_features * module.out_features
 
 

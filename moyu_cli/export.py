@@ -2,19 +2,22 @@
 
 Export format (format version 1), one directory:
 - `config.json`, `generation_config.json`, tokenizer files: copied from the input checkpoint.
-- `model.safetensors` (or the input's shards and index): the dense weights, unchanged, so plain
-  transformers loads the directory as an ordinary dense model.
+- `model.safetensors` (or the input's shards and index): the dense weights, unchanged unless the
+  recipe rewires neurons (a permutation) or fine-tunes (`recovery`); plain transformers loads the
+  directory as an ordinary dense model either way.
 - `moyu.json`: format version, the resolved recipe, the per-module plan (kind, target sparsity,
   calibrated sparsity, threshold summary), calibration provenance and the evaluation measured at
   convert time.
 - `moyu_thresholds.safetensors`: one float32 tensor per sparse module, `<module>.threshold`,
-  `[K]` per input channel (or per MLP neuron for gated_mlp).
+  `[K]` per input channel (or per MLP neuron for gated_mlp; empty for sequence_mlp, whose neurons
+  the prompt chooses).
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import math
 import logging
 import shutil
 from pathlib import Path
@@ -56,7 +59,7 @@ def _plan_summary(plan: dict[str, ModulePlan], calibrated: dict[str, float]) -> 
             "kind": entry.kind,
             "target_sparsity": entry.target_sparsity,
             "calibrated_sparsity": calibrated.get(name),
-            "threshold_mean": float(entry.threshold.mean()),
+            "threshold_mean": float(entry.threshold.mean()) if entry.threshold.numel() else None,
             "channels": entry.threshold.numel(),
         }
         for name, entry in plan.items()
@@ -126,6 +129,27 @@ def _rewire(recipe: Recipe, model, tokenizer, layout, calibration, plan: dict[st
     return plan, report.to_dict() | {"core_frequency": settings.core_frequency, "tokens": len(order) * window}
 
 
+def _recover(recipe: Recipe, model, tokenizer, calibration, plan: dict[str, ModulePlan]) -> dict:
+    """Fine-tune `model`'s decoder weights in place so that, run sparse under `plan`, it matches its dense self."""
+    from .data import tokenize, uses_bos, windows
+    from .recover import recover
+
+    settings = recipe.recovery
+    sources = _calibration_sources(calibration, "recovery fine-tuning")
+    bos = tokenizer.bos_token_id if uses_bos(tokenizer) else None
+    batch = windows(tokenize(tokenizer, sources), calibration.metadata["window"], bos_id=bos)
+    steps = max(1, settings.tokens // calibration.metadata["window"])
+    generator = torch.Generator().manual_seed(settings.seed)
+    # Whole passes over the text in a fresh random order each, as many as the token budget needs.
+    order = torch.cat([torch.randperm(batch.shape[0], generator=generator) for _ in range(math.ceil(steps / batch.shape[0]))])
+    student = copy.deepcopy(model)
+    apply_plan(student, plan, backend="torch")
+    report = recover(student, model, batch[order[:steps]], settings.lr, settings.dtype, settings.seed, skip_first=0 if bos is None else 1)
+    # The sparse modules keep the dense modules' parameter names, so the trained weights load back as they are.
+    model.load_state_dict(student.state_dict(), strict=True)
+    return report.to_dict() | {"lr": settings.lr, "dtype": settings.dtype}
+
+
 def convert(
     model_dir: str | Path,
     calibration_path: str | Path,
@@ -163,10 +187,12 @@ def convert(
     calibrated = {
         name: calibrated_sparsity(scores.get(name, "magnitude"), name, entry, layout, calibration) for name, entry in plan.items()
     }
-    rewired_model, rewiring = None, None
+    rewiring, recovery = None, None
     if recipe.rewire is not None:
         plan, rewiring = _rewire(recipe, model, tokenizer, layout, calibration, plan)
-        rewired_model = copy.deepcopy(model)
+    if recipe.recovery is not None:
+        recovery = _recover(recipe, model, tokenizer, calibration, plan)
+    new_weights = copy.deepcopy(model) if rewiring is not None or recovery is not None else None
     apply_plan(model, plan, backend="torch")
     if eval_data:
         sources = [read_text(spec) for spec in eval_data]
@@ -191,18 +217,19 @@ def convert(
         "allocation": allocation,
         "budget": budget,
         "rewire": rewiring,
+        "recovery": recovery,
         "evaluation": evaluation,
     }
     try:
         with atomic_directory(out) as staging:
             _copy_checkpoint(source, staging)
-            if rewired_model is not None:
-                # The neurons are permuted, so the weights are written anew (same names, same
-                # function) in place of the copied ones.
+            if new_weights is not None:
+                # Rewired (neurons permuted, same names and function) or fine-tuned weights are
+                # written anew in place of the copied ones.
                 for file in staging.glob("*.safetensors*"):
                     file.unlink()
                 (staging / "model.safetensors.index.json").unlink(missing_ok=True)
-                rewired_model.save_pretrained(staging, safe_serialization=True)
+                new_weights.save_pretrained(staging, safe_serialization=True)
             save_file({f"{name}.threshold": entry.threshold for name, entry in plan.items()}, staging / THRESHOLDS_FILE)
             (staging / MOYU_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     except OSError as exc:

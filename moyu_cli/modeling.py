@@ -1,8 +1,10 @@
 """Sparse runtime modules and the function that swaps them into a Hugging Face model.
 
-`SparseLinear` replaces an `nn.Linear` whose input is thresholded (TEAL-style), and
-`SparseGatedMLP` replaces a gated MLP whose activated gate is thresholded (CATS-style). Both call a
-kernel backend from `moyu_kernels`; the "torch" backend is the reference semantics.
+`SparseLinear` replaces an `nn.Linear` whose input is thresholded (TEAL-style),
+`SparseGatedMLP` replaces a gated MLP whose activated gate is thresholded (CATS-style), and
+`SequenceMLP` replaces a gated MLP that keeps, for a whole sequence, the neurons its prompt
+activated most (GRIFFIN-style). They call a kernel backend from `moyu_kernels`; the "torch"
+backend is the reference semantics.
 
 Sparsity control is per module and set through `SparsityControl`:
 - `enabled`: False runs the module dense (the dense baseline on the same weights).
@@ -32,8 +34,10 @@ logger = logging.getLogger(__name__)
 class ModulePlan:
     """The sparsity decided for one module: its kind, per-channel threshold and target sparsity."""
 
-    kind: str  # "linear" (threshold on the input) or "gated_mlp" (threshold on act(gate))
-    threshold: torch.Tensor  # [K] float32: K input channels, or K MLP neurons for gated_mlp
+    # "linear" (threshold on the input), "gated_mlp" (threshold on act(gate)) or "sequence_mlp"
+    # (the prompt chooses the neurons; no threshold)
+    kind: str
+    threshold: torch.Tensor  # [K] float32: K input channels, or K MLP neurons for gated_mlp; [0] for sequence_mlp
     target_sparsity: float
 
 
@@ -152,6 +156,108 @@ class SparseGatedMLP(_SparseBase):
         return self.backend.sparse_linear(active * up, self.down_t, self.zero_threshold, self.down_proj.bias)
 
 
+class SequenceMLP(_SparseBase):
+    """A gated MLP that runs each sequence on the neurons its prompt activated most (GRIFFIN).
+
+    A call with more than one position is a prompt: it runs dense, and each sequence of the batch
+    then keeps the `keep` neurons with the largest score `||z[:, j]||_2`, where `z[t] =
+    a[t] / ||a[t]||_2` and `a = act(gate_proj(x)) * up_proj(x)` over the prompt's positions (the
+    per-position normalization stops a few large-norm positions from choosing for all). Calls of one
+    position run on those neurons only: the rows of gate_proj and up_proj and the columns of
+    down_proj of the kept neurons, gathered once per prompt into contiguous matrices, so every
+    backend reads `keep / intermediate_size` of the MLP's bytes.
+
+    Under a dense prefix (the half-dense evaluation protocol) the prefix is the prompt and the rest
+    of the same call runs on its selection. A one-position call before any prompt is a prompt.
+    The prefill policy does not matter here: prompts always run dense.
+    """
+
+    def __init__(self, mlp: nn.Module, sparsity: float, backend_name: str, backend):
+        super().__init__(backend_name, backend)
+        self.gate_proj = mlp.gate_proj
+        self.up_proj = mlp.up_proj
+        self.down_proj = mlp.down_proj
+        self.act_fn = mlp.act_fn
+        self.neurons = self.down_proj.in_features
+        self.keep = max(1, round((1.0 - sparsity) * self.neurons))
+        self.selected: torch.Tensor | None = None  # [B, keep] neuron indices of the current sequences
+        self._gathered: tuple[torch.Tensor, ...] | None = None
+
+    def reset_selection(self) -> None:
+        self.selected = None
+        self._gathered = None
+
+    def _activations(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act_fn(self.gate_proj(x)) * self.up_proj(x)
+
+    def _dense(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self._activations(x))
+
+    def _select(self, active: torch.Tensor) -> None:
+        """Choose each sequence's neurons from the prompt activations `active [B, T, N]`."""
+        normalized = active.float() / active.float().norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        score = normalized.pow(2).sum(dim=-2)  # [B, N], the squared column norms
+        self.selected = torch.topk(score, self.keep, dim=-1).indices.sort(dim=-1).values
+        gate = self.gate_proj.weight[self.selected]  # [B, keep, H]
+        up = self.up_proj.weight[self.selected]
+        down_t = self.down_proj.weight.t()[self.selected]  # [B, keep, H]
+        gate_bias = None if self.gate_proj.bias is None else self.gate_proj.bias[self.selected]
+        up_bias = None if self.up_proj.bias is None else self.up_proj.bias[self.selected]
+        if self.backend_name == "torch":
+            self._gathered = (gate, up, down_t, gate_bias, up_bias)
+        else:
+            # Kernel layout: one [H, 2 * keep] matrix for gate and up (transposed) per sequence.
+            gate_up_t = torch.cat([gate, up], dim=1).transpose(1, 2).contiguous()
+            self._gathered = (gate_up_t, down_t.contiguous(), gate_bias, up_bias)
+
+    def _selected_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Run `x [B, T, H]` on each sequence's selected neurons."""
+        outputs = []
+        for row in range(x.shape[0]):
+            xr = x[row]
+            if self.backend_name == "torch":
+                gate, up, down_t, gate_bias, up_bias = (None if t is None else t[row] for t in self._gathered)
+                g, u = F.linear(xr, gate, gate_bias), F.linear(xr, up, up_bias)
+                outputs.append(torch.matmul(self.act_fn(g) * u, down_t))
+            else:
+                gate_up_t, down_t, gate_bias, up_bias = (None if t is None else t[row] for t in self._gathered)
+                bias = None if gate_bias is None else torch.cat([gate_bias, up_bias])
+                dense = torch.full((gate_up_t.shape[0],), -1.0)
+                g, u = self.backend.sparse_linear(xr, gate_up_t, dense, bias).split(self.keep, dim=-1)
+                outputs.append(self.backend.sparse_linear(self.act_fn(g) * u, down_t, torch.full((self.keep,), -1.0), None))
+        y = torch.stack(outputs)
+        if self.down_proj.bias is not None:
+            y = y + self.down_proj.bias
+        return y
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return self._dense(x)
+        if x.dim() != 3:
+            raise ValueError(f"SequenceMLP takes [batch, positions, hidden] inputs, got shape {tuple(x.shape)}")
+        positions = x.shape[1]
+        if self.dense_prefix > 0:
+            prompt = min(self.dense_prefix, positions)
+        elif positions > 1 or self.selected is None or self.selected.shape[0] != x.shape[0]:
+            prompt = positions  # a new prompt (dense prefill or not, the prompt runs dense)
+        else:
+            prompt = 0
+        outputs = []
+        if prompt:
+            active = self._activations(x[:, :prompt])
+            self._select(active)
+            outputs.append(self.down_proj(active))
+        if prompt < positions:
+            rest = x[:, prompt:]
+            if self.track:
+                self.kept += self.keep * rest.shape[0] * rest.shape[1]
+                self.total += self.neurons * rest.shape[0] * rest.shape[1]
+            outputs.append(self._selected_forward(rest))
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-2)
+
+    def extra_repr(self) -> str:
+        return f"keep={self.keep}/{self.neurons} neurons per sequence, backend={self.backend_name}"
+
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
@@ -169,6 +275,8 @@ def apply_plan(model: nn.Module, plan: dict[str, ModulePlan], backend: str = "au
             replacement = SparseLinear(original, entry.threshold, backend_name, kernels)
         elif entry.kind == "gated_mlp":
             replacement = SparseGatedMLP(original, entry.threshold, backend_name, kernels)
+        elif entry.kind == "sequence_mlp":
+            replacement = SequenceMLP(original, entry.target_sparsity, backend_name, kernels)
         else:
             raise ValueError(f"unknown module plan kind {entry.kind!r} for {name}")
         _set_module(model, name, replacement)

@@ -60,6 +60,26 @@ class GatedMlpModifier(_Strict):
     sparsity: float | None = Field(default=None, ge=0.0, lt=1.0)
 
 
+class SequenceMlpModifier(_Strict):
+    """Choose each gated MLP's neurons once per sequence from the prompt (GRIFFIN).
+
+    The prompt runs dense; each sequence then keeps the `1 - sparsity` fraction of neurons with
+    the largest prompt score (modeling.SequenceMLP), and every generated token reads only their
+    rows of gate_proj and up_proj and columns of down_proj. Needs a prompt: under the strict
+    evaluation protocol (no dense positions) the first call of every window is its own prompt
+    and runs dense, so use the half-dense protocol to measure it.
+
+    Example (recipes/griffin-mlp.yaml):
+        - type: sequence_mlp
+          targets: [mlp]
+    """
+
+    type: Literal["sequence_mlp"]
+    targets: list[str] = Field(default_factory=lambda: ["all"], min_length=1)
+    ignore: list[str] = Field(default_factory=list)
+    sparsity: float | None = Field(default=None, ge=0.0, lt=1.0)
+
+
 class SearchSettings(_Strict):
     """Settings of the greedy allocation searches (`allocation: block-greedy | greedy`)."""
 
@@ -78,7 +98,16 @@ class RewireSettings(_Strict):
     seed: int = 0  # chooses the calibration windows
 
 
-Modifier = Annotated[Union[MagnitudeModifier, GatedMlpModifier], Field(discriminator="type")]
+class RecoverySettings(_Strict):
+    """Recovery fine-tuning (recover.py): distill the dense model into the sparse one on calibration text."""
+
+    tokens: int = Field(default=65536, ge=1)  # calibration tokens trained on, in whole windows (one window per step)
+    lr: float = Field(default=2e-4, gt=0.0, lt=1.0)  # peak AdamW learning rate
+    dtype: Literal["bfloat16", "float32"] = "bfloat16"  # autocast compute dtype; weights stay float32
+    seed: int = 0  # chooses and orders the calibration windows
+
+
+Modifier = Annotated[Union[MagnitudeModifier, GatedMlpModifier, SequenceMlpModifier], Field(discriminator="type")]
 
 
 class Recipe(_Strict):
@@ -95,6 +124,7 @@ class Recipe(_Strict):
     allocation: Literal["uniform", "block-greedy", "greedy"] = "uniform"
     search: SearchSettings = Field(default_factory=SearchSettings)
     rewire: RewireSettings | None = None  # null: neurons keep their order and every threshold stays
+    recovery: RecoverySettings | None = None  # null: the weights stay the checkpoint's
     modifiers: list[Modifier] = Field(min_length=1)
 
     @model_validator(mode="after")

@@ -13,7 +13,7 @@ from .calibrate import Calibration, column_norms
 from .errors import RecipeError
 from .modeling import ModulePlan
 from .observers import fraction_at_or_below, histogram_quantile
-from .recipe import GatedMlpModifier, MagnitudeModifier, Recipe
+from .recipe import GatedMlpModifier, MagnitudeModifier, Recipe, SequenceMlpModifier
 
 
 def _uniform(value: float, channels: int) -> torch.Tensor:
@@ -38,6 +38,8 @@ def magnitude_threshold(score: str, name: str, layout: DecoderLayout, calibratio
 
 def calibrated_sparsity(score: str, name: str, entry: ModulePlan, layout: DecoderLayout, calibration: Calibration) -> float:
     """Return the fraction of calibration entries of module `name` that `entry` skips."""
+    if entry.kind == "sequence_mlp":
+        return entry.target_sparsity  # a fixed neuron count per sequence, whatever the text
     if entry.kind == "gated_mlp" or score == "magnitude":
         return fraction_at_or_below(calibration.statistics_for(name).histogram, float(entry.threshold[0]))
     norms = column_norms(layout.linears[name].weight)
@@ -82,6 +84,11 @@ def plan_from_recipe(
                 threshold = histogram_quantile(stats.histogram, sparsity)
                 plan[name] = ModulePlan("gated_mlp", _uniform(threshold, stats.abs_sum.numel()), sparsity)
                 claimed_by_mlp.update(f"{name}.{child}" for child in ("gate_proj", "up_proj", "down_proj"))
+        elif isinstance(modifier, SequenceMlpModifier):
+            names = match_targets(list(layout.mlps), modifier.targets, modifier.ignore)
+            for name in names:
+                plan[name] = ModulePlan("sequence_mlp", torch.zeros(0), sparsity)
+                claimed_by_mlp.update(f"{name}.{child}" for child in ("gate_proj", "up_proj", "down_proj"))
         elif isinstance(modifier, MagnitudeModifier):
             names = match_targets(list(layout.linears), modifier.targets, modifier.ignore)
             for name in names:
@@ -96,6 +103,6 @@ def plan_from_recipe(
     overlap = sorted(claimed_by_mlp & plan.keys())
     if overlap:
         raise RecipeError(
-            f"module {overlap[0]} is targeted by both 'gated_mlp' and 'magnitude'; add it to the magnitude modifier's ignore list"
+            f"module {overlap[0]} is targeted by both an MLP modifier and 'magnitude'; add it to the magnitude modifier's ignore list"
         )
     return plan

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -17,7 +18,7 @@ from moyu_cli.evaluate import perplexity
 from moyu_cli.export import convert
 from moyu_cli.generate import generate
 from moyu_cli.modeling import SparseGatedMLP, SparseLinear, sparse_modules, sparsity_control
-from moyu_cli.recipe import load_recipe
+from moyu_cli.recipe import RecoverySettings, load_recipe
 
 from conftest import ARCHITECTURES
 
@@ -179,3 +180,31 @@ def test_sharded_checkpoint(tiny_llama, text_file, tmp_path):
     assert (out / "model.safetensors.index.json").is_file()
     assert len(list(out.glob("*.safetensors"))) == len(list(sharded.glob("*.safetensors"))) + 1
     assert len(sparse_modules(moyu_cli.load(out, backend="torch"))) == 14
+
+
+def test_recovery_fine_tuning_lowers_the_kl_and_exports_new_weights(tiny_llama, calibrations, tmp_path):
+    from safetensors.torch import load_file
+
+    recipe = load_recipe("teal-uniform").with_sparsity(0.7)
+    recipe = recipe.model_copy(update={"recovery": RecoverySettings(tokens=128 * 24, lr=3e-3, dtype="float32")})
+    out = tmp_path / "out"
+    config = convert(tiny_llama, calibrations["llama"][1], recipe, out, eval_windows=0)
+    report = config["recovery"]
+    assert report["steps"] == 24 and report["tokens"] == 24 * 128
+    assert report["kl_last"] < 0.7 * report["kl_first"]
+    before = load_file(tiny_llama / "model.safetensors")
+    after = load_file(out / "model.safetensors")
+    assert before.keys() == after.keys()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert any("layers.0.self_attn.q_proj" in k for k in changed)
+    # The embedding (tied to the LM head) is frozen; the input checkpoint is untouched.
+    assert torch.equal(before["model.embed_tokens.weight"], after["model.embed_tokens.weight"])
+    assert load_file(tiny_llama / "model.safetensors").keys() == before.keys()
+
+
+def test_kl_matches_torch():
+    from moyu_cli.recover import _kl
+
+    student, teacher = torch.randn(300, 50), torch.randn(300, 50)
+    expected = F.kl_div(F.log_softmax(student, -1), F.log_softmax(teacher, -1), log_target=True, reduction="batchmean")
+    torch.testing.assert_close(_kl(student, teacher, chunk=128), expected, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,132 @@
+"""Recovery fine-tuning: teach the sparse model to match the dense one on calibration text.
+
+The sparse model (thresholds fixed, every position sparsified) is trained to minimize the KL
+divergence from the dense model's next-token distribution, KL(dense || sparse), averaged over
+positions. The mask `|x| > threshold` is a constant of each forward pass; gradients flow through
+the kept entries. Trained: every parameter inside the decoder layers (projections and norms).
+Frozen: the embedding and the LM head (tied in most small models), so the vocabulary is untouched.
+
+Distilling from the dense model, rather than fitting the text, pins the target to what the
+checkpoint already predicts: the sparse model can recover quality it lost, but it cannot learn
+the domain of the calibration text beyond what the dense model knows. Keep the calibration and
+the evaluation text apart all the same.
+
+Cost: one dense forward (the teacher) and one sparse forward and backward per window. On
+SmolLM2-135M with 2 CPU threads and bfloat16 autocast, a window of 512 tokens takes about 3.3 s.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .architecture import find_decoder_layers
+from .errors import MoyuError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RecoveryReport:
+    steps: int
+    tokens: int
+    seconds: float
+    kl_first: float  # mean KL over the first tenth of the steps (at least one)
+    kl_last: float  # mean KL over the last tenth
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, chunk: int = 128) -> torch.Tensor:
+    """Mean over positions of KL(teacher || student), computed over chunks of positions to bound memory."""
+    total = student_logits.new_zeros((), dtype=torch.float32)
+    positions = student_logits.shape[0]
+    for start in range(0, positions, chunk):
+        s = F.log_softmax(student_logits[start : start + chunk].float(), dim=-1)
+        t = F.log_softmax(teacher_logits[start : start + chunk].float(), dim=-1)
+        total = total + (t.exp() * (t - s)).sum()
+    return total / positions
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Set requires_grad on the decoder layers' parameters only; return them."""
+    _, layers = find_decoder_layers(model)
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    parameters = list(layers.parameters())
+    for parameter in parameters:
+        parameter.requires_grad_(True)
+    return parameters
+
+
+def recover(
+    student: nn.Module,
+    teacher: nn.Module,
+    batch: torch.Tensor,
+    lr: float,
+    dtype: str = "bfloat16",
+    seed: int = 0,
+    skip_first: int = 0,
+) -> RecoveryReport:
+    """Fine-tune `student` (sparse modules in place, torch backend) toward `teacher` on the windows of `batch`.
+
+    Args:
+        batch: `[steps, window]` token ids; one window per step, in this order.
+        lr: peak AdamW learning rate; 10-step warm-up, cosine decay to zero.
+        dtype: autocast compute dtype on CPU ("bfloat16" or "float32"); weights and the optimizer
+            state stay float32.
+        skip_first: positions at the start of each window left out of the loss (a BOS token).
+
+    Raises:
+        MoyuError: the loss becomes NaN or infinite.
+    """
+    if dtype not in ("bfloat16", "float32"):
+        raise MoyuError(f"recovery dtype {dtype!r} is not supported; use bfloat16 or float32")
+    device_type = next(student.parameters()).device.type
+    parameters = trainable_parameters(student)
+    torch.manual_seed(seed)
+    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
+    steps = batch.shape[0]
+    losses: list[float] = []
+    started = time.perf_counter()
+    student.train()
+    teacher.eval()
+    autocast = dict(device_type=device_type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+    try:
+        for step in range(steps):
+            ids = batch[step : step + 1]
+            with torch.no_grad(), torch.autocast(**autocast):
+                target = teacher(input_ids=ids, use_cache=False).logits[0, skip_first:]
+            with torch.autocast(**autocast):
+                logits = student(input_ids=ids, use_cache=False).logits[0, skip_first:]
+            loss = _kl(logits, target)
+            if not math.isfinite(loss.item()):
+                raise MoyuError(f"recovery loss is {loss.item()} at step {step}; lower the recipe's recovery.lr (now {lr})")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            scale = min(1.0, (step + 1) / 10) * 0.5 * (1 + math.cos(math.pi * step / steps))
+            for group in optimizer.param_groups:
+                group["lr"] = lr * scale
+            optimizer.step()
+            losses.append(loss.item())
+            if step % 10 == 0 or step == steps - 1:
+                logger.info("recovery step %d/%d: KL %.4f (%.0f s)", step + 1, steps, losses[-1], time.perf_counter() - started)
+    finally:
+        student.eval()
+        for parameter in student.parameters():
+            parameter.requires_grad_(False)
+    tenth = max(1, steps // 10)
+    return RecoveryReport(
+        steps=steps,
+        tokens=int(batch[:, skip_first:].numel()),
+        seconds=round(time.perf_counter() - started, 1),
+        kl_first=sum(losses[:tenth]) / tenth,
+        kl_last=sum(losses[-tenth:]) / tenth,
+    )
