@@ -96,9 +96,14 @@ def main() -> None:
                 recovery = _recover(recipe, model, tokenizer, calibration, plan)
                 print(json.dumps({"recipe": recipe_name, "target": target, "recovery": recovery}), flush=True)
             apply_plan(model, plan, backend="torch")
+        dense_result = None
         for protocol in args.protocols:
             started = time.perf_counter()
-            result = perplexity(model, tokenizer, evaluation_text, max_windows=args.windows, protocol=protocol)
+            if recipe_name is None and dense_result is not None:
+                result = dense_result  # no sparse module: every protocol gives the same figure
+            else:
+                result = perplexity(model, tokenizer, evaluation_text, max_windows=args.windows, protocol=protocol)
+            dense_result = result if recipe_name is None else None
             rows.append({
                 "recipe": recipe_name or "dense", "target": target, "protocol": protocol,
                 "perplexity": result.perplexity, "model_sparsity": result.model_sparsity, "search": search, "recovery": recovery,

@@ -15,7 +15,11 @@ Two searches, both greedy on calibration text:
   the error of every layer grows with the bytes it skips. The layer budgets are then chosen across
   layers by marginal error per byte until the model-wide byte target is met. Finally each layer
   is searched again up to its budget, in order, on the outputs of the already-sparsified earlier
-  layers (sequential calibration).
+  layers (sequential calibration). With `search.layer_budgets: model-kl` the error that sets the
+  layer budgets is the KL divergence of the model's next-token distribution (dense vs. only this
+  layer sparse) at `kl_points` states of each layer's path, instead of the layer's own output
+  error, which underweights the late layers: an error there has fewer layers left to shrink it,
+  and the first layers' errors are partly washed out by the residual stream.
 
 Block-output error is the mean over tokens of ||y - y_dense||^2 / ||y_dense||^2, where y is the
 layer's output (the residual stream) and y_dense the dense layer's output on the same input. The
@@ -210,6 +214,37 @@ class LayerReplay:
         return output[0] if isinstance(output, tuple) else output
 
 
+class ModelHead:
+    """The model's final norm and LM head, to turn last-layer hidden states into next-token log-probabilities."""
+
+    def __init__(self, model: nn.Module, norm: nn.Module, chunk: int = 256):
+        self.norm = norm
+        self.lm_head = model.get_output_embeddings()
+        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        self.softcap = getattr(config, "final_logit_softcapping", None)
+        self.chunk = chunk
+
+    def log_probs(self, hidden: torch.Tensor) -> list[torch.Tensor]:
+        """Return log-probabilities of every position of `hidden [B, T, H]`, in chunks of positions."""
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        chunks = []
+        with torch.inference_mode():
+            for start in range(0, flat.shape[0], self.chunk):
+                logits = self.lm_head(self.norm(flat[start : start + self.chunk])).float()
+                if self.softcap is not None:
+                    logits = torch.tanh(logits / self.softcap) * self.softcap
+                chunks.append(torch.log_softmax(logits, dim=-1))
+        return chunks
+
+    def kl(self, hidden: torch.Tensor, reference: list[torch.Tensor]) -> float:
+        """Return the mean over positions of KL(reference || distribution of `hidden`)."""
+        total, count = 0.0, 0
+        for expected, actual in zip(reference, self.log_probs(hidden)):
+            total += float((expected.exp() * (expected - actual)).sum())
+            count += expected.shape[0]
+        return total / count
+
+
 @dataclass
 class SearchCost:
     """Cost of a search: decoder layer forwards, seconds and tokens per forward."""
@@ -290,13 +325,49 @@ class AllocationSearch:
                 logger.info("layer %d: dense-input path of %d steps", layer, len(self._dense_paths[-1]))
         return self._dense_paths
 
-    def greedy(self, target_bytes: float, limits: list[float]) -> tuple[list[dict[str, float]], list[float]]:
+    def kl_curves(self, paths: list[list[PathPoint]], head: "ModelHead", points: int) -> list[list[tuple[float, float]]]:
+        """Return, per layer, (bytes skipped, model KL) at up to `points` states of its path, the other layers dense.
+
+        The model KL is the mean over calibration tokens of KL(dense || sparse) of the next-token
+        distribution. Layer `l` is measured by rerunning layers `l..L-1` from the captured dense
+        input of layer `l`, then the final norm and the LM head.
+        """
+        reference = head.log_probs(self.replay.run(len(paths) - 1, self.replay.inputs[-1]))
+        self.cost.layer_forwards += 1
+        curves = []
+        started = time.perf_counter()
+        for layer, path in enumerate(paths):
+            # Evenly spaced in bytes along the path, always ending at its last state.
+            wanted = [path[-1].skipped_bytes * (i + 1) / points for i in range(points)]
+            chosen = sorted({min(range(len(path)), key=lambda i: abs(path[i].skipped_bytes - w)) for w in wanted} - {0})
+            curve = [(0.0, 0.0)]
+            for index in chosen:
+                self._apply(layer, path[index].sparsity)
+                hidden = self.replay.inputs[layer]
+                for later in range(layer, len(paths)):
+                    hidden = self.replay.run(later, hidden)
+                self.cost.layer_forwards += len(paths) - layer
+                curve.append((path[index].skipped_bytes, head.kl(hidden, reference)))
+            self._apply(layer, {})
+            curves.append(curve)
+            logger.info("layer %d: model KL %s", layer, [round(kl, 4) for _, kl in curve])
+        self.cost.seconds += time.perf_counter() - started
+        return curves
+
+    def greedy(
+        self, target_bytes: float, limits: list[float], head: "ModelHead | None" = None, points: int = 8
+    ) -> tuple[list[dict[str, float]], list[float]]:
         """Return per-layer group sparsities and byte budgets for a model-wide `target_bytes`.
 
-        Layer budgets come from the dense-input paths, which stop at `limits[layer]` bytes. Each
-        layer is then searched again, in order, on the output of the sparsified layers before it.
+        Layer budgets come from the dense-input paths, which stop at `limits[layer]` bytes, scored
+        by each layer's output error, or by the model KL when `head` is given. Each layer is then
+        searched again, in order, on the output of the sparsified layers before it.
         """
-        curves = [[(point.skipped_bytes, point.error) for point in path] for path in self.dense_paths(limits)]
+        paths = self.dense_paths(limits)
+        if head is None:
+            curves = [[(point.skipped_bytes, point.error) for point in path] for path in paths]
+        else:
+            curves = self.kl_curves(paths, head, points)
         budgets = allocate_layers(curves, target_bytes)
         hidden = self.replay.inputs[0]
         result = []
@@ -371,7 +442,8 @@ class RecipeAllocator:
         plan = plan_from_recipe(recipe, self.layout, calibration, sparsities={})
         apply_plan(model, plan, backend="torch")
         self._sparse = {name: model.get_submodule(name) for name in plan}
-        _, layers = find_decoder_layers(model)
+        layers_path, layers = find_decoder_layers(model)
+        self._backbone_path = layers_path.rsplit(".", 1)[0]
         self._cache: dict[tuple[str, float], torch.Tensor] = {}
         self.search = AllocationSearch(LayerReplay(model, layers, input_ids), layer_groups, self._set_threshold,
                                        settings.step, settings.max_sparsity)
@@ -409,7 +481,10 @@ class RecipeAllocator:
                 min(self.search.max_sparsity * self.search.layer_bytes(layer), limit * self.layer_total_bytes[layer])
                 for layer in range(len(self.layer_total_bytes))
             ]
-            layer_sparsities, budgets = self.search.greedy(target, limits)
+            head = None
+            if self.recipe.search.layer_budgets == "model-kl":
+                head = ModelHead(self.model, self.model.get_submodule(self._backbone_path).norm)
+            layer_sparsities, budgets = self.search.greedy(target, limits, head, self.recipe.search.kl_points)
         sparsities = self._module_sparsities(layer_sparsities)
         report = {
             "allocation": self.recipe.allocation,

@@ -201,6 +201,12 @@ def convert(
             f"vs dense {budget['dense_perplexity']:.2f} (+{budget['increase']:.1%}) on {budget['windows']} windows of calibration text, "
             f"{len(budget['trials'])} trials"
         )
+    if config.get("recovery"):
+        recovery = config["recovery"]
+        console.print(
+            f"recovery: {recovery['steps']} steps on {recovery['tokens']} calibration tokens, {recovery['seconds'] / 60:.1f} min; "
+            f"KL to the dense model {recovery['kl_first']:.3f} -> {recovery['kl_last']:.3f}"
+        )
     if evaluation:
         console.print(
             f"perplexity {evaluation['perplexity']:.2f} on {evaluation['text']} ({evaluation['windows']} windows, "

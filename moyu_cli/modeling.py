@@ -159,10 +159,10 @@ class SparseGatedMLP(_SparseBase):
 class SequenceMLP(_SparseBase):
     """A gated MLP that runs each sequence on the neurons its prompt activated most (GRIFFIN).
 
-    A call with more than one position is a prompt: it runs dense, and each sequence of the batch
-    then keeps the `keep` neurons with the largest score `||z[:, j]||_2`, where `z[t] =
-    a[t] / ||a[t]||_2` and `a = act(gate_proj(x)) * up_proj(x)` over the prompt's positions (the
-    per-position normalization stops a few large-norm positions from choosing for all). Calls of one
+    A call with more than one position is a prompt, and it runs dense. Each sequence of the batch
+    then keeps the `keep` neurons with the largest score `||z[:, j]||_2` over the prompt's
+    positions, where `a = act(gate_proj(x)) * up_proj(x)` and `z[t] = a[t] / ||a[t]||_2`. The
+    per-position normalization stops a few large-norm positions from choosing for all. Calls of one
     position run on those neurons only: the rows of gate_proj and up_proj and the columns of
     down_proj of the kept neurons, gathered once per prompt into contiguous matrices, so every
     backend reads `keep / intermediate_size` of the MLP's bytes.

@@ -63,8 +63,8 @@ class GatedMlpModifier(_Strict):
 class SequenceMlpModifier(_Strict):
     """Choose each gated MLP's neurons once per sequence from the prompt (GRIFFIN).
 
-    The prompt runs dense; each sequence then keeps the `1 - sparsity` fraction of neurons with
-    the largest prompt score (modeling.SequenceMLP), and every generated token reads only their
+    The prompt runs dense. Each sequence then keeps the `1 - sparsity` fraction of neurons with
+    the largest prompt score (modeling.SequenceMLP), so every generated token reads only their
     rows of gate_proj and up_proj and columns of down_proj. Needs a prompt: under the strict
     evaluation protocol (no dense positions) the first call of every window is its own prompt
     and runs dense, so use the half-dense protocol to measure it.
@@ -88,6 +88,10 @@ class SearchSettings(_Strict):
     step: float = Field(default=0.1, gt=0.0, le=1.0)  # sparsity raise of one group per greedy step
     max_sparsity: float = Field(default=0.95, gt=0.0, lt=1.0)  # upper bound of any group's sparsity
     seed: int = 0  # chooses the calibration windows
+    # What sets the layer budgets of `greedy`: each layer's own output error ("layer-error") or the
+    # KL divergence of the model's next-token distribution with only that layer sparse ("model-kl").
+    layer_budgets: Literal["layer-error", "model-kl"] = "layer-error"
+    kl_points: int = Field(default=8, ge=1)  # states per layer's path measured by "model-kl"
 
 
 class RewireSettings(_Strict):

@@ -7,9 +7,9 @@ the kept entries. Trained: every parameter inside the decoder layers (projection
 Frozen: the embedding and the LM head (tied in most small models), so the vocabulary is untouched.
 
 Distilling from the dense model, rather than fitting the text, pins the target to what the
-checkpoint already predicts: the sparse model can recover quality it lost, but it cannot learn
-the domain of the calibration text beyond what the dense model knows. Keep the calibration and
-the evaluation text apart all the same.
+checkpoint already predicts. The sparse model can recover quality it lost, but it is not pulled
+toward the calibration text beyond the dense model's predictions. Keep the calibration and the
+evaluation text apart all the same.
 
 Cost: one dense forward (the teacher) and one sparse forward and backward per window. On
 SmolLM2-135M with 2 CPU threads and bfloat16 autocast, a window of 512 tokens takes about 3.3 s.

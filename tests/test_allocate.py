@@ -100,9 +100,11 @@ def test_allocate_layers_rejects_unreachable_target():
 
 
 def recipe(allocation: str, score: str = "magnitude", sparsity: float = 0.5):
+    # "greedy-kl": greedy with layer budgets from the model KL.
+    search = {"tokens": 256, "step": 0.2} | ({"layer_budgets": "model-kl", "kl_points": 3} if allocation == "greedy-kl" else {})
     return parse_recipe({
-        "version": 1, "name": "t", "sparsity": sparsity, "allocation": allocation,
-        "search": {"tokens": 256, "step": 0.2},
+        "version": 1, "name": "t", "sparsity": sparsity, "allocation": allocation.removesuffix("-kl"),
+        "search": search,
         "modifiers": [{"type": "magnitude", "targets": ["all"], "score": score}],
     })
 
@@ -132,7 +134,7 @@ def test_weighted_threshold_is_score_quantile(tiny_llama, tiny_calibration):
     assert not torch.allclose(plan["model.layers.0.self_attn.q_proj"].threshold, plan["model.layers.0.self_attn.k_proj"].threshold)
 
 
-@pytest.mark.parametrize("allocation", ["block-greedy", "greedy"])
+@pytest.mark.parametrize("allocation", ["block-greedy", "greedy", "greedy-kl"])
 def test_allocation_meets_model_byte_target(tiny_llama, tiny_calibration, text_file, allocation):
     model, tokenizer = load_model(tiny_llama)
     layout = discover(model)
@@ -156,6 +158,26 @@ def test_allocation_meets_model_byte_target(tiny_llama, tiny_calibration, text_f
     apply_plan(model, plan_from_recipe(recipe(allocation), layout, tiny_calibration, sparsities), backend="torch")
     result = perplexity(model, tokenizer, [read_text(str(text_file))], window=128, max_windows=8)
     assert result.model_sparsity == pytest.approx(0.5, abs=0.05)
+
+
+def test_model_kl_curves_grow(tiny_llama, tiny_calibration, text_file):
+    from moyu_cli.allocate import ModelHead
+
+    model, tokenizer = load_model(tiny_llama)
+    allocator = RecipeAllocator(recipe("greedy-kl"), model, tokenizer, tiny_calibration, [read_text(str(text_file))])
+    try:
+        search = allocator.search
+        paths = search.dense_paths([0.9 * search.layer_bytes(layer) for layer in range(2)])
+        curves = search.kl_curves(paths, ModelHead(model, model.model.norm), points=3)
+    finally:
+        allocator.close()
+    for curve, path in zip(curves, paths):
+        assert curve[0] == (0.0, 0.0)
+        assert 2 <= len(curve) <= 4
+        assert curve[-1][0] == pytest.approx(path[-1].skipped_bytes)
+        # The last state (90% of the layer's bytes) costs more KL than the first measured one.
+        assert curve[1][1] > 0
+        assert curve[-1][1] > curve[1][1]
 
 
 def test_recipe_allocation_needs_magnitude_only():

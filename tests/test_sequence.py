@@ -41,7 +41,7 @@ def _masked_mlp(mlp: SequenceMLP, x: torch.Tensor, selected: torch.Tensor) -> to
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
-def test_prompt_runs_dense_then_tokens_use_its_neurons(exported, backend):
+def test_prompt_selects_decode_neurons(exported, backend):
     model = moyu_cli.load(exported, backend=backend)
     mlp = model.get_submodule("model.layers.0.mlp")
     assert isinstance(mlp, SequenceMLP) and mlp.keep == mlp.neurons // 2
@@ -94,7 +94,7 @@ def test_zero_sparsity_is_dense(exported):
     torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-6)
 
 
-def test_lean_decoder_and_half_dense_eval(exported, text_file):
+def test_lean_decoder_and_eval(exported, text_file):
     model = moyu_cli.load(exported, backend="torch")
     tokenizer = AutoTokenizer.from_pretrained(exported)
     ids = torch.tensor([tokenizer("The function returns a value").input_ids])
