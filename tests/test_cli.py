@@ -166,3 +166,23 @@ def test_unknown_backend(capsys, tiny_llama, text_file):
     code, _, err = run(capsys, "eval", tiny_llama, "--data", text_file, "--backend", "fpga")
     assert code == 1
     assert "unknown kernel backend 'fpga'" in err
+
+
+def test_convert_with_recovery(capsys, tiny_llama, calib, tmp_path):
+    recipe = tmp_path / "recover.yaml"
+    recipe.write_text(
+        "version: 1\nname: r\nsparsity: 0.5\nrecovery: {tokens: 256, lr: 1.0e-3, dtype: float32}\n"
+        "modifiers: [{type: magnitude, targets: [all]}]\n"
+    )
+    code, out, err = run(capsys, "convert", tiny_llama, "-c", calib, "-r", recipe, "-o", tmp_path / "out", "--eval-windows", "0")
+    assert code == 0, err
+    assert "recovery: 2 steps on 256 calibration tokens" in out
+    assert "KL to the dense model" in out
+
+
+def test_recovery_rejects_bad_lr(capsys, tiny_llama, calib, tmp_path):
+    recipe = tmp_path / "recover.yaml"
+    recipe.write_text("version: 1\nname: r\nsparsity: 0.5\nrecovery: {lr: 2}\nmodifiers: [{type: magnitude}]\n")
+    code, _, err = run(capsys, "convert", tiny_llama, "-c", calib, "-r", recipe, "-o", tmp_path / "out")
+    assert_one_line_error(code, err, "recovery.lr")
+    assert not (tmp_path / "out").exists()
