@@ -206,9 +206,12 @@ class SequenceMLP(_SparseBase):
         if self.backend_name == "torch":
             self._gathered = (gate, up, down_t, gate_bias, up_bias)
         else:
-            # Kernel layout: one [H, 2 * keep] matrix for gate and up (transposed) per sequence.
+            # Kernel layout: one [H, 2 * keep] matrix for gate and up (transposed) per sequence,
+            # read whole by a threshold of -1 on every channel.
             gate_up_t = torch.cat([gate, up], dim=1).transpose(1, 2).contiguous()
-            self._gathered = (gate_up_t, down_t.contiguous(), gate_bias, up_bias)
+            bias = None if gate_bias is None else torch.cat([gate_bias, up_bias], dim=-1)
+            self._gathered = (gate_up_t, down_t.contiguous(), bias)
+            self._read_all = (torch.full((gate_up_t.shape[1],), -1.0), torch.full((self.keep,), -1.0))
 
     def _selected_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Run `x [B, T, H]` on each sequence's selected neurons."""
@@ -220,11 +223,9 @@ class SequenceMLP(_SparseBase):
                 g, u = F.linear(xr, gate, gate_bias), F.linear(xr, up, up_bias)
                 outputs.append(torch.matmul(self.act_fn(g) * u, down_t))
             else:
-                gate_up_t, down_t, gate_bias, up_bias = (None if t is None else t[row] for t in self._gathered)
-                bias = None if gate_bias is None else torch.cat([gate_bias, up_bias])
-                dense = torch.full((gate_up_t.shape[0],), -1.0)
-                g, u = self.backend.sparse_linear(xr, gate_up_t, dense, bias).split(self.keep, dim=-1)
-                outputs.append(self.backend.sparse_linear(self.act_fn(g) * u, down_t, torch.full((self.keep,), -1.0), None))
+                gate_up_t, down_t, bias = (None if t is None else t[row] for t in self._gathered)
+                g, u = self.backend.sparse_linear(xr, gate_up_t, self._read_all[0], bias).split(self.keep, dim=-1)
+                outputs.append(self.backend.sparse_linear(self.act_fn(g) * u, down_t, self._read_all[1], None))
         y = torch.stack(outputs)
         if self.down_proj.bias is not None:
             y = y + self.down_proj.bias
