@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -56,6 +57,9 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write all results to this JSON file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    # Progress of the searches and of recovery fine-tuning, on stderr.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("moyu_cli").setLevel(logging.INFO)
 
     if not args.calibration.exists():
         args.calibration.parent.mkdir(parents=True, exist_ok=True)
