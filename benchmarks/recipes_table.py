@@ -73,6 +73,7 @@ def main() -> None:
         # Recovery settings do not change the search, so recipes that differ only there share it.
         settings = recipe.search.model_dump()
         key = recipe.model_copy(update={"recovery": None, "name": "", "description": ""}).model_dump_json()
+        key += str(args.calibration.resolve())  # one file per model and calibration
         cached = None if args.allocations is None else args.allocations / f"{recipe.allocation}-{recipe.sparsity}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.json"
         if cached is not None and cached.exists():
             saved = json.loads(cached.read_text())
