@@ -54,6 +54,7 @@ def main() -> None:
     parser.add_argument("--search-tokens", type=int, help="override the recipes' search.tokens")
     parser.add_argument("--search-step", type=float, help="override the recipes' search.step")
     parser.add_argument("--recovery-tokens", type=int, help="override the recipes' recovery.tokens")
+    parser.add_argument("--recovery-lr", type=float, help="override the recipes' recovery.lr")
     parser.add_argument("--json", type=Path, help="also write all results to this JSON file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -94,8 +95,10 @@ def main() -> None:
             overrides = {"tokens": args.search_tokens, "step": args.search_step}
             overrides = {key: value for key, value in overrides.items() if value is not None}
             recipe = recipe.model_copy(update={"search": recipe.search.model_copy(update=overrides)})
-            if recipe.recovery is not None and args.recovery_tokens is not None:
-                recipe = recipe.model_copy(update={"recovery": recipe.recovery.model_copy(update={"tokens": args.recovery_tokens})})
+            if recipe.recovery is not None:
+                overrides = {"tokens": args.recovery_tokens, "lr": args.recovery_lr}
+                overrides = {key: value for key, value in overrides.items() if value is not None}
+                recipe = recipe.model_copy(update={"recovery": recipe.recovery.model_copy(update=overrides)})
             sparsities = None
             if recipe.allocation != "uniform":
                 sparsities, search = search_or_reuse(recipe, model, tokenizer)

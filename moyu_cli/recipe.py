@@ -106,7 +106,7 @@ class RecoverySettings(_Strict):
     """Recovery fine-tuning (recover.py): distill the dense model into the sparse one on calibration text."""
 
     tokens: int = Field(default=65536, ge=1)  # calibration tokens trained on, in whole windows (one window per step)
-    lr: float = Field(default=2e-4, gt=0.0, lt=1.0)  # peak AdamW learning rate
+    lr: float = Field(default=5e-5, gt=0.0, lt=1.0)  # peak AdamW learning rate
     dtype: Literal["bfloat16", "float32"] = "bfloat16"  # autocast compute dtype; weights stay float32
     seed: int = 0  # chooses and orders the calibration windows
 
