@@ -23,7 +23,15 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class MagnitudeModifier(_Strict):
+class _Modifier(_Strict):
+    """Fields every modifier has: the modules it selects and an optional sparsity of its own."""
+
+    targets: list[str] = Field(default_factory=lambda: ["all"], min_length=1)
+    ignore: list[str] = Field(default_factory=list)
+    sparsity: float | None = Field(default=None, ge=0.0, lt=1.0)
+
+
+class MagnitudeModifier(_Modifier):
     """Zero the input entries of each target linear whose magnitude is at or under a threshold (TEAL).
 
     The threshold of each module is the quantile of its score at the target sparsity, read from
@@ -37,13 +45,10 @@ class MagnitudeModifier(_Strict):
     """
 
     type: Literal["magnitude"]
-    targets: list[str] = Field(default_factory=lambda: ["all"], min_length=1)
-    ignore: list[str] = Field(default_factory=list)
-    sparsity: float | None = Field(default=None, ge=0.0, lt=1.0)
     score: Literal["magnitude", "weighted"] = "magnitude"
 
 
-class GatedMlpModifier(_Strict):
+class GatedMlpModifier(_Modifier):
     """Threshold |act(gate_proj(x))| inside each gated MLP (CATS).
 
     Neurons whose activated gate is at or under the threshold are skipped: their rows of
@@ -55,12 +60,9 @@ class GatedMlpModifier(_Strict):
     """
 
     type: Literal["gated_mlp"]
-    targets: list[str] = Field(default_factory=lambda: ["all"], min_length=1)
-    ignore: list[str] = Field(default_factory=list)
-    sparsity: float | None = Field(default=None, ge=0.0, lt=1.0)
 
 
-class SequenceMlpModifier(_Strict):
+class SequenceMlpModifier(_Modifier):
     """Choose each gated MLP's neurons once per sequence from the prompt (GRIFFIN).
 
     The prompt runs dense. Each sequence then keeps the `1 - sparsity` fraction of neurons with
@@ -75,9 +77,6 @@ class SequenceMlpModifier(_Strict):
     """
 
     type: Literal["sequence_mlp"]
-    targets: list[str] = Field(default_factory=lambda: ["all"], min_length=1)
-    ignore: list[str] = Field(default_factory=list)
-    sparsity: float | None = Field(default=None, ge=0.0, lt=1.0)
 
 
 class SearchSettings(_Strict):
