@@ -338,8 +338,8 @@ class AllocationSearch:
         started = time.perf_counter()
         for layer, path in enumerate(paths):
             # Evenly spaced in bytes along the path, always ending at its last state.
-            wanted = [path[-1].skipped_bytes * (i + 1) / points for i in range(points)]
-            chosen = sorted({min(range(len(path)), key=lambda i: abs(path[i].skipped_bytes - w)) for w in wanted} - {0})
+            targets = [path[-1].skipped_bytes * (i + 1) / points for i in range(points)]
+            chosen = sorted({min(range(len(path)), key=lambda i: abs(path[i].skipped_bytes - t)) for t in targets} - {0})
             curve = [(0.0, 0.0)]
             for index in chosen:
                 self._apply(layer, path[index].sparsity)

@@ -183,10 +183,6 @@ class SequenceMLP(_SparseBase):
         self.selected: torch.Tensor | None = None  # [B, keep] neuron indices of the current sequences
         self._gathered: tuple[torch.Tensor, ...] | None = None
 
-    def reset_selection(self) -> None:
-        self.selected = None
-        self._gathered = None
-
     def _activations(self, x: torch.Tensor) -> torch.Tensor:
         return self.act_fn(self.gate_proj(x)) * self.up_proj(x)
 
@@ -217,14 +213,14 @@ class SequenceMLP(_SparseBase):
         """Run `x [B, T, H]` on each sequence's selected neurons."""
         outputs = []
         for row in range(x.shape[0]):
-            xr = x[row]
+            row_input = x[row]
             if self.backend_name == "torch":
                 gate, up, down_t, gate_bias, up_bias = (None if t is None else t[row] for t in self._gathered)
-                g, u = F.linear(xr, gate, gate_bias), F.linear(xr, up, up_bias)
+                g, u = F.linear(row_input, gate, gate_bias), F.linear(row_input, up, up_bias)
                 outputs.append(torch.matmul(self.act_fn(g) * u, down_t))
             else:
                 gate_up_t, down_t, bias = (None if t is None else t[row] for t in self._gathered)
-                g, u = self.backend.sparse_linear(xr, gate_up_t, self._read_all[0], bias).split(self.keep, dim=-1)
+                g, u = self.backend.sparse_linear(row_input, gate_up_t, self._read_all[0], bias).split(self.keep, dim=-1)
                 outputs.append(self.backend.sparse_linear(self.act_fn(g) * u, down_t, self._read_all[1], None))
         y = torch.stack(outputs)
         if self.down_proj.bias is not None:
@@ -235,7 +231,7 @@ class SequenceMLP(_SparseBase):
         if not self.enabled:
             return self._dense(x)
         if x.dim() != 3:
-            raise ValueError(f"SequenceMLP takes [batch, positions, hidden] inputs, got shape {tuple(x.shape)}")
+            raise ValueError(f"invalid SequenceMLP input shape {tuple(x.shape)}; pass [batch, positions, hidden]")
         positions = x.shape[1]
         if self.dense_prefix > 0:
             prompt = min(self.dense_prefix, positions)
