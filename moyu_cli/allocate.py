@@ -39,6 +39,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .architecture import discover, find_decoder_layers, forward_with_hooks
+
 logger = logging.getLogger(__name__)
 
 
@@ -192,12 +194,7 @@ class LayerReplay:
         self.inputs: list[torch.Tensor] = []
         self.kwargs: list[dict] = []
         handles = [layer.register_forward_pre_hook(self._capture, with_kwargs=True) for layer in layers]
-        try:
-            with torch.inference_mode():
-                model(input_ids=input_ids, use_cache=False)
-        finally:
-            for handle in handles:
-                handle.remove()
+        forward_with_hooks(model, input_ids, handles)
         if len(self.inputs) != len(layers):
             raise RuntimeError(f"captured {len(self.inputs)} decoder layer calls for {len(layers)} layers")
 
@@ -403,7 +400,6 @@ class RecipeAllocator:
     """
 
     def __init__(self, recipe, model: nn.Module, tokenizer, calibration, sources):
-        from .architecture import discover, find_decoder_layers
         from .data import tokenize, uses_bos, windows
         from .modeling import apply_plan
         from .sparsify import magnitude_threshold, module_scores, plan_from_recipe

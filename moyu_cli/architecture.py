@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from .errors import UnsupportedArchitectureError
@@ -103,3 +104,13 @@ def match_targets(names: list[str], targets: list[str], ignore: list[str]) -> li
         return name == pattern or name.rsplit(".", 1)[-1] == pattern
 
     return [n for n in names if any(hit(n, t) for t in targets) and not any(hit(n, i) for i in ignore)]
+
+
+def forward_with_hooks(model: nn.Module, input_ids: torch.Tensor, handles: list) -> None:
+    """Run one inference-mode forward of `model` on `input_ids`, then remove the hook `handles`, even on error."""
+    try:
+        with torch.inference_mode():
+            model(input_ids=input_ids, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .architecture import DecoderLayout
+from .architecture import DecoderLayout, forward_with_hooks
 from .modeling import ModulePlan
 
 
@@ -66,12 +66,7 @@ def neuron_frequency(model: nn.Module, layout: DecoderLayout, input_ids: torch.T
             counts[name] = counts.get(name, 0) + total
 
         handles.append(down.register_forward_pre_hook(hook))
-    try:
-        with torch.inference_mode():
-            model(input_ids=input_ids, use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
+    forward_with_hooks(model, input_ids, handles)
     tokens = input_ids.numel()
     return {name: count / tokens for name, count in counts.items()}
 
