@@ -147,7 +147,7 @@ def _recover(recipe: Recipe, model, tokenizer, calibration, plan: dict[str, Modu
     report = recover(student, model, batch[order[:steps]], settings.lr, settings.dtype, settings.seed, skip_first=0 if bos is None else 1)
     # The sparse modules keep the dense modules' parameter names, so the trained weights load back as they are.
     model.load_state_dict(student.state_dict(), strict=True)
-    return report.to_dict() | {"lr": settings.lr, "dtype": settings.dtype}
+    return report.to_dict() | {"lr": settings.lr}
 
 
 def convert(

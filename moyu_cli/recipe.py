@@ -106,7 +106,9 @@ class RecoverySettings(_Strict):
 
     tokens: int = Field(default=65536, ge=1)  # calibration tokens trained on, in whole windows (one window per step)
     lr: float = Field(default=5e-5, gt=0.0, lt=1.0)  # peak AdamW learning rate
-    dtype: Literal["bfloat16", "float32"] = "bfloat16"  # autocast compute dtype; weights stay float32
+    # Autocast compute dtype; weights stay float32. "auto" is bfloat16 on a GPU or a CPU with native
+    # bfloat16 instructions (AVX-512 BF16, AMX), float32 otherwise, where bfloat16 is emulated and slower.
+    dtype: Literal["auto", "bfloat16", "float32"] = "auto"
     seed: int = 0  # chooses and orders the calibration windows
 
 

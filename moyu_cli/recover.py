@@ -12,7 +12,8 @@ toward the calibration text beyond the dense model's predictions. Keep the calib
 evaluation text apart all the same.
 
 Cost: one dense forward (the teacher) and one sparse forward and backward per window. On
-SmolLM2-135M with 2 CPU threads and bfloat16 autocast, a window of 512 tokens takes about 3.3 s.
+SmolLM2-135M with 2 CPU threads, a window of 512 tokens took about 3.3 s with bfloat16 autocast on a
+CPU with native bfloat16 instructions; see `resolve_dtype` for CPUs without them.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ class RecoveryReport:
     steps: int
     tokens: int
     seconds: float
+    dtype: str  # the compute dtype used, "auto" resolved
     kl_first: float  # mean KL over the first tenth of the steps (at least one)
     kl_last: float  # mean KL over the last tenth
 
@@ -66,12 +68,27 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return parameters
 
 
+def resolve_dtype(dtype: str, device_type: str) -> str:
+    """Return the recovery compute dtype for `dtype` ("auto", "bfloat16" or "float32") on `device_type`."""
+    if dtype != "auto":
+        return dtype
+    if device_type == "cuda":
+        return "bfloat16"
+    # oneDNN's check for bfloat16 support (AVX-512 or AMX) is a private op, so fall back to
+    # float32 where this torch build lacks it.
+    try:
+        native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        native = False
+    return "bfloat16" if native else "float32"
+
+
 def recover(
     student: nn.Module,
     teacher: nn.Module,
     batch: torch.Tensor,
     lr: float,
-    dtype: str = "bfloat16",
+    dtype: str = "auto",
     seed: int = 0,
     skip_first: int = 0,
 ) -> RecoveryReport:
@@ -80,16 +97,17 @@ def recover(
     Args:
         batch: `[steps, window]` token ids; one window per step, in this order.
         lr: peak AdamW learning rate; 10-step warm-up, cosine decay to zero.
-        dtype: autocast compute dtype on CPU ("bfloat16" or "float32"); weights and the optimizer
-            state stay float32.
+        dtype: autocast compute dtype ("auto", "bfloat16" or "float32", see `resolve_dtype`);
+            weights and the optimizer state stay float32.
         skip_first: positions at the start of each window left out of the loss (a BOS token).
 
     Raises:
         MoyuError: the loss becomes NaN or infinite.
     """
-    if dtype not in ("bfloat16", "float32"):
-        raise MoyuError(f"recovery dtype {dtype!r} is not supported; use bfloat16 or float32")
+    if dtype not in ("auto", "bfloat16", "float32"):
+        raise MoyuError(f"recovery dtype {dtype!r} is not supported; use auto, bfloat16 or float32")
     device_type = next(student.parameters()).device.type
+    dtype = resolve_dtype(dtype, device_type)
     parameters = trainable_parameters(student)
     torch.manual_seed(seed)
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
@@ -127,6 +145,7 @@ def recover(
         steps=steps,
         tokens=int(batch[:, skip_first:].numel()),
         seconds=round(time.perf_counter() - started, 1),
+        dtype=dtype,
         kl_first=sum(losses[:tenth]) / tenth,
         kl_last=sum(losses[-tenth:]) / tenth,
     )

@@ -194,6 +194,7 @@ def test_recovery_lowers_kl_and_exports_weights(tiny_llama, calibrations, tmp_pa
     assert report["steps"] == 24
     assert report["tokens"] == 24 * 128
     assert report["kl_last"] < 0.7 * report["kl_first"]
+    assert report["dtype"] == "float32"
     before = load_file(tiny_llama / "model.safetensors")
     after = load_file(out / "model.safetensors")
     assert before.keys() == after.keys()
@@ -202,6 +203,16 @@ def test_recovery_lowers_kl_and_exports_weights(tiny_llama, calibrations, tmp_pa
     # The embedding (tied to the LM head) is frozen; the input checkpoint is untouched.
     assert torch.equal(before["model.embed_tokens.weight"], after["model.embed_tokens.weight"])
     assert load_file(tiny_llama / "model.safetensors").keys() == before.keys()
+
+
+def test_recovery_dtype_auto():
+    from moyu_cli.recover import resolve_dtype
+
+    assert resolve_dtype("float32", "cpu") == "float32"
+    assert resolve_dtype("bfloat16", "cpu") == "bfloat16"
+    assert resolve_dtype("auto", "cuda") == "bfloat16"
+    native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert resolve_dtype("auto", "cpu") == ("bfloat16" if native else "float32")
 
 
 def test_kl_matches_torch():
