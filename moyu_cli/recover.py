@@ -12,8 +12,9 @@ toward the calibration text beyond the dense model's predictions. Keep the calib
 evaluation text apart all the same.
 
 Cost: one dense forward (the teacher) and one sparse forward and backward per window. On
-SmolLM2-135M with 2 CPU threads, a window of 512 tokens took about 3.3 s with bfloat16 autocast on a
-CPU with native bfloat16 instructions; see `resolve_dtype` for CPUs without them.
+SmolLM2-135M with 2 CPU threads and bfloat16 autocast, a window of 512 tokens took about 3.3 s on a
+CPU with native bfloat16 instructions. An AVX2-only CPU needs float32 (see `resolve_dtype`), and
+there a window took 15 s with 1 thread.
 """
 
 from __future__ import annotations
