@@ -106,8 +106,8 @@ class RecoverySettings(_Strict):
 
     tokens: int = Field(default=65536, ge=1)  # calibration tokens trained on, in whole windows (one window per step)
     lr: float = Field(default=5e-5, gt=0.0, lt=1.0)  # peak AdamW learning rate
-    # Autocast compute dtype; weights stay float32. "auto" is bfloat16 on a GPU or a CPU with native
-    # bfloat16 instructions (AVX-512 BF16, AMX), float32 otherwise, where bfloat16 is emulated and slower.
+    # Autocast compute dtype, while weights stay float32. "auto" is bfloat16 on a GPU or where oneDNN
+    # reports fast bfloat16 (AVX-512 or newer), float32 otherwise: on AVX2 bfloat16 measured 2x slower.
     dtype: Literal["auto", "bfloat16", "float32"] = "auto"
     seed: int = 0  # chooses and orders the calibration windows
 

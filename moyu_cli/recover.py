@@ -12,9 +12,8 @@ toward the calibration text beyond the dense model's predictions. Keep the calib
 evaluation text apart all the same.
 
 Cost: one dense forward (the teacher) and one sparse forward and backward per window. On
-SmolLM2-135M with 2 CPU threads and bfloat16 autocast, a window of 512 tokens took about 3.3 s on a
-CPU with native bfloat16 instructions. An AVX2-only CPU needs float32 (see `resolve_dtype`), and
-there a window took 15 s with 1 thread.
+SmolLM2-135M a window of 512 tokens took about 3.3 s with bfloat16 autocast and 2 threads on a CPU
+where bfloat16 ran fast, and 15 s in float32 with 1 thread on an AVX2-only CPU (see `resolve_dtype`).
 """
 
 from __future__ import annotations
@@ -39,7 +38,7 @@ class RecoveryReport:
     steps: int
     tokens: int
     seconds: float
-    dtype: str  # the compute dtype used, "auto" resolved
+    dtype: str  # compute dtype used, with "auto" resolved
     kl_first: float  # mean KL over the first tenth of the steps (at least one)
     kl_last: float  # mean KL over the last tenth
 
@@ -75,8 +74,8 @@ def resolve_dtype(dtype: str, device_type: str) -> str:
         return dtype
     if device_type == "cuda":
         return "bfloat16"
-    # oneDNN's check for bfloat16 support (AVX-512 or AMX) is a private op, so fall back to
-    # float32 where this torch build lacks it.
+    # oneDNN's check for fast bfloat16 (AVX-512 or newer) is a private op, so a torch build
+    # without it gets float32.
     try:
         native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
@@ -106,7 +105,7 @@ def recover(
         MoyuError: the loss becomes NaN or infinite.
     """
     if dtype not in ("auto", "bfloat16", "float32"):
-        raise MoyuError(f"recovery dtype {dtype!r} is not supported; use auto, bfloat16 or float32")
+        raise MoyuError(f"invalid recovery dtype {dtype!r}; use auto, bfloat16 or float32")
     device_type = next(student.parameters()).device.type
     dtype = resolve_dtype(dtype, device_type)
     parameters = trainable_parameters(student)
