@@ -27,7 +27,7 @@ from moyu_cli.calibrate import calibrate, load_calibration
 from moyu_cli.checkpoint import load_model
 from moyu_cli.data import read_text
 from moyu_cli.evaluate import perplexity
-from moyu_cli.export import _recover
+from moyu_cli.export import adapt_weights, sequential_plan
 from moyu_cli.modeling import apply_plan
 from moyu_cli.recipe import load_recipe
 from moyu_cli.sparsify import plan_from_recipe
@@ -71,9 +71,9 @@ def main() -> None:
     rows = []
 
     def search_or_reuse(recipe, model, tokenizer) -> tuple[dict, dict]:
-        # Recovery settings do not change the search, so recipes that differ only there share it.
+        # Recovery and sequential settings do not change the search, so recipes that differ only there share it.
         settings = recipe.search.model_dump()
-        key = recipe.model_copy(update={"recovery": None, "name": "", "description": ""}).model_dump_json()
+        key = recipe.model_copy(update={"recovery": None, "sequential": None, "name": "", "description": ""}).model_dump_json()
         key += str(args.calibration.resolve())  # one file per model and calibration
         cached = None if args.allocations is None else args.allocations / f"{recipe.allocation}-{recipe.sparsity}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.json"
         if cached is not None and cached.exists():
@@ -102,9 +102,12 @@ def main() -> None:
             sparsities = None
             if recipe.allocation != "uniform":
                 sparsities, search = search_or_reuse(recipe, model, tokenizer)
-            plan = plan_from_recipe(recipe, discover(model), calibration, sparsities)
-            if recipe.recovery is not None:
-                recovery = _recover(recipe, model, tokenizer, calibration, plan)
+            layout = discover(model)
+            plan = plan_from_recipe(recipe, layout, calibration, sparsities)
+            if recipe.sequential is not None:
+                plan, _ = sequential_plan(recipe, model, tokenizer, layout, calibration, plan)
+            plan, _, recovery, _ = adapt_weights(recipe, model, tokenizer, layout, calibration, plan)
+            if recovery is not None:
                 print(json.dumps({"recipe": recipe_name, "target": target, "recovery": recovery}), flush=True)
             apply_plan(model, plan, backend="torch")
         dense_result = None

@@ -75,7 +75,8 @@ def _calibration_sources(calibration, purpose: str) -> list:
 
 
 def _plan_recipe(recipe: Recipe, model, tokenizer, layout, calibration, max_ppl_increase: float | None, budget_windows: int):
-    """Return the recipe (its sparsity chosen by the budget search when one is set), plan, allocation and budget reports."""
+    """Return the recipe (its sparsity chosen by the budget search when one is set), plan, allocation and budget
+    reports, and the calibration entries each module skips when its threshold was recalibrated sequentially."""
     allocator = None
     if recipe.allocation != "uniform":
         from .allocate import RecipeAllocator
@@ -84,13 +85,17 @@ def _plan_recipe(recipe: Recipe, model, tokenizer, layout, calibration, max_ppl_
         allocator = RecipeAllocator(recipe, copy.deepcopy(model), tokenizer, calibration, _calibration_sources(calibration, "the allocation search"))
     reports: dict[float, dict] = {}
     plans: dict[float, dict[str, ModulePlan]] = {}
+    skipped: dict[float, dict[str, float]] = {}  # sequential calibration: calibration entries skipped per module
 
     def plan_for(sparsity: float) -> dict[str, ModulePlan]:
         if sparsity not in plans:
             sparsities = None
             if allocator is not None:
                 sparsities, reports[sparsity] = allocator.sparsities_for(sparsity)
-            plans[sparsity] = plan_from_recipe(recipe.with_sparsity(sparsity), layout, calibration, sparsities)
+            plan = plan_from_recipe(recipe.with_sparsity(sparsity), layout, calibration, sparsities)
+            if recipe.sequential is not None:
+                plan, skipped[sparsity] = sequential_plan(recipe, model, tokenizer, layout, calibration, plan)
+            plans[sparsity] = plan
         return plans[sparsity]
 
     budget = None
@@ -103,30 +108,48 @@ def _plan_recipe(recipe: Recipe, model, tokenizer, layout, calibration, max_ppl_
         budget = result.to_dict()
         recipe = recipe.with_sparsity(result.sparsity)
     plan = plan_for(recipe.sparsity)
-    return recipe, plan, reports.get(recipe.sparsity), budget
+    return recipe, plan, reports.get(recipe.sparsity), budget, skipped.get(recipe.sparsity, {})
 
 
 def _rewire(recipe: Recipe, model, tokenizer, layout, calibration, plan: dict[str, ModulePlan]):
     """Measure neuron frequencies under `plan` on calibration windows, then permute `model` in place."""
-    from .data import tokenize, uses_bos, windows
     from .rewire import neuron_frequency, rewire
 
     settings = recipe.rewire
-    sources = _calibration_sources(calibration, "neuron rewiring")
-    bos = tokenizer.bos_token_id if uses_bos(tokenizer) else None
-    window = calibration.metadata["window"]
-    batch = windows(tokenize(tokenizer, sources), window, bos_id=bos)
-    order = torch.randperm(batch.shape[0], generator=torch.Generator().manual_seed(settings.seed))[: max(1, settings.tokens // window)]
+    batch = _calibration_windows(calibration, tokenizer, "neuron rewiring", settings.tokens, settings.seed)
     measured = copy.deepcopy(model)
     apply_plan(measured, plan, backend="torch")
     frequencies: dict[str, torch.Tensor] = {}
-    for index in order.tolist():
+    for ids in batch:
         # `layout` names the same modules in the copy; neuron_frequency looks them up by name.
-        for name, value in neuron_frequency(measured, layout, batch[index : index + 1]).items():
-            frequencies[name] = frequencies.get(name, 0) + value / len(order)
+        for name, value in neuron_frequency(measured, layout, ids[None]).items():
+            frequencies[name] = frequencies.get(name, 0) + value / batch.shape[0]
     del measured
     plan, report = rewire(model, layout, plan, frequencies, settings.core_frequency)
-    return plan, report.to_dict() | {"core_frequency": settings.core_frequency, "tokens": len(order) * window}
+    return plan, report.to_dict() | {"core_frequency": settings.core_frequency, "tokens": batch.numel()}
+
+
+def _calibration_windows(calibration, tokenizer, purpose: str, tokens: int, seed: int) -> torch.Tensor:
+    """Return `[tokens // window, window]` token ids (at least one window) drawn at random from the calibration text."""
+    from .data import tokenize, uses_bos, windows
+
+    bos = tokenizer.bos_token_id if uses_bos(tokenizer) else None
+    window = calibration.metadata["window"]
+    batch = windows(tokenize(tokenizer, _calibration_sources(calibration, purpose)), window, bos_id=bos)
+    order = torch.randperm(batch.shape[0], generator=torch.Generator().manual_seed(seed))[: max(1, tokens // window)]
+    return batch[order]
+
+
+def sequential_plan(recipe: Recipe, model, tokenizer, layout, calibration, plan: dict[str, ModulePlan]):
+    """Recalibrate `plan`'s magnitude thresholds on `model` with the earlier modules sparse (sequential.py).
+
+    Returns the new plan and, per recalibrated module, the fraction of calibration entries it skips.
+    """
+    from .sequential import sequential_thresholds
+
+    settings = recipe.sequential
+    batch = _calibration_windows(calibration, tokenizer, "sequential threshold calibration", settings.tokens, settings.seed)
+    return sequential_thresholds(model, layout, plan, module_scores(recipe, layout), batch)
 
 
 def _recover(recipe: Recipe, model, tokenizer, calibration, plan: dict[str, ModulePlan]) -> dict:
@@ -148,6 +171,25 @@ def _recover(recipe: Recipe, model, tokenizer, calibration, plan: dict[str, Modu
     # The sparse modules keep the dense modules' parameter names, so the trained weights load back as they are.
     model.load_state_dict(student.state_dict(), strict=True)
     return report.to_dict() | {"lr": settings.lr}
+
+
+def adapt_weights(recipe: Recipe, model, tokenizer, layout, calibration, plan: dict[str, ModulePlan]):
+    """Apply the recipe's weight changes to `model` in place: neuron rewiring, then recovery fine-tuning.
+
+    Returns the plan, the rewiring and recovery reports (None when not in the recipe) and the
+    calibration entries skipped per recalibrated module (None when nothing was recalibrated).
+    Rewiring permutes the plan. After recovery, a sequential recipe measures its thresholds again
+    on the trained weights.
+    """
+    rewiring, recovery, skipped = None, None, None
+    if recipe.rewire is not None:
+        plan, rewiring = _rewire(recipe, model, tokenizer, layout, calibration, plan)
+    if recipe.recovery is not None:
+        recovery = _recover(recipe, model, tokenizer, calibration, plan)
+        if recipe.sequential is not None:
+            # Training moves the activations, so the thresholds are measured again on the new weights.
+            plan, skipped = sequential_plan(recipe, model, tokenizer, layout, calibration, plan)
+    return plan, rewiring, recovery, skipped
 
 
 def convert(
@@ -182,16 +224,13 @@ def convert(
         )
     model, tokenizer = load_model(source, allow_pickle=allow_pickle)
     layout = discover(model)
-    recipe, plan, allocation, budget = _plan_recipe(recipe, model, tokenizer, layout, calibration, max_ppl_increase, budget_windows)
+    recipe, plan, allocation, budget, skipped = _plan_recipe(recipe, model, tokenizer, layout, calibration, max_ppl_increase, budget_windows)
     scores = module_scores(recipe, layout)
     calibrated = {
         name: calibrated_sparsity(scores.get(name, "magnitude"), name, entry, layout, calibration) for name, entry in plan.items()
     }
-    rewiring, recovery = None, None
-    if recipe.rewire is not None:
-        plan, rewiring = _rewire(recipe, model, tokenizer, layout, calibration, plan)
-    if recipe.recovery is not None:
-        recovery = _recover(recipe, model, tokenizer, calibration, plan)
+    plan, rewiring, recovery, retrained_skipped = adapt_weights(recipe, model, tokenizer, layout, calibration, plan)
+    calibrated.update(retrained_skipped or skipped)
     new_weights = copy.deepcopy(model) if rewiring is not None or recovery is not None else None
     apply_plan(model, plan, backend="torch")
     if eval_data:

@@ -101,6 +101,13 @@ class RewireSettings(_Strict):
     seed: int = 0  # chooses the calibration windows
 
 
+class SequentialSettings(_Strict):
+    """Sequential threshold calibration (sequential.py): each threshold measured with the modules before it sparse."""
+
+    tokens: int = Field(default=8192, ge=1)  # calibration tokens, in whole windows (at least one)
+    seed: int = 0  # chooses the calibration windows
+
+
 class RecoverySettings(_Strict):
     """Recovery fine-tuning (recover.py): distill the dense model into the sparse one on calibration text."""
 
@@ -129,6 +136,7 @@ class Recipe(_Strict):
     allocation: Literal["uniform", "block-greedy", "greedy"] = "uniform"
     search: SearchSettings = Field(default_factory=SearchSettings)
     rewire: RewireSettings | None = None  # null: neurons keep their order and every threshold stays
+    sequential: SequentialSettings | None = None  # null: thresholds from the dense model's calibration histograms
     recovery: RecoverySettings | None = None  # null: the weights stay the checkpoint's
     modifiers: list[Modifier] = Field(min_length=1)
 
@@ -142,6 +150,11 @@ class Recipe(_Strict):
                 raise ValueError(f"allocation '{self.allocation}' works on one 'magnitude' modifier only, got modifiers {kinds}")
             if self.modifiers[0].sparsity is not None:
                 raise ValueError(f"allocation '{self.allocation}' chooses every module's sparsity; remove the modifier's 'sparsity'")
+        if self.sequential is not None:
+            if "magnitude" not in kinds:
+                raise ValueError(f"'sequential' recalibrates 'magnitude' thresholds but the modifiers are {kinds}; add a 'magnitude' modifier or remove 'sequential'")
+            if self.rewire is not None:
+                raise ValueError("'sequential' and 'rewire' cannot be combined yet; remove one of them")
         return self
 
     def with_sparsity(self, sparsity: float) -> "Recipe":
