@@ -5,9 +5,11 @@ on the calibration text. Each recipe is evaluated on the evaluation text under e
 reported with its realized model-wide sparsity (fraction of decoder linear weight bytes skipped)
 and the cost of its allocation search.
 
-Run (docs/recipes.md):
+Run (README "Results" and "Recipes beyond uniform thresholds"):
     python -P benchmarks/recipes_table.py models/smollm2-135m --calibration runs/smollm2-135m-wina.calib \\
         --recipes teal-uniform teal-block-greedy wina-uniform teal-greedy wina-greedy --sparsities 0.5
+    python -P benchmarks/recipes_table.py models/smollm2-135m --calibration runs/smollm2-135m-wina.calib \\
+        --recipes teal-uniform cats-mlp --sparsities 0.25 0.4 0.5 --protocols strict
 """
 
 from __future__ import annotations
@@ -118,10 +120,12 @@ def main() -> None:
             else:
                 result = perplexity(model, tokenizer, evaluation_text, max_windows=args.windows, protocol=protocol)
             dense_result = result if recipe_name is None else None
+            values = list(result.module_sparsity.values()) or [0.0]
             rows.append({
                 "recipe": recipe_name or "dense", "target": target, "protocol": protocol,
                 "perplexity": result.perplexity, "model_sparsity": result.model_sparsity, "search": search, "recovery": recovery,
                 "module_sparsity": result.module_sparsity,
+                "module_mean": sum(values) / len(values), "module_min": min(values), "module_max": max(values),
                 "seconds": round(time.perf_counter() - started, 1),
             })
             print(json.dumps(rows[-1]), flush=True)
@@ -135,17 +139,19 @@ def main() -> None:
     print(f"\n{args.model_dir.name}: calibrated on {calibration.metadata['tokens']} tokens of "
           f"{Path(args.calibration_data).name}, evaluated on {args.windows} windows of 512 of {Path(args.eval_data).name}, "
           f"{args.threads} threads\n")
-    print("| recipe | target | protocol | perplexity | realized model-wide sparsity | allocation search | recovery |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| recipe | target | protocol | perplexity | realized model-wide sparsity | per-module realized: mean (min-max) "
+          "| allocation search | recovery |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for row in rows:
         target = "-" if row["target"] is None else f"{row['target']:.0%}"
         sparsity = "-" if row["target"] is None else f"{row['model_sparsity']:.1%}"
+        spread = "-" if row["target"] is None else f"{row['module_mean']:.1%} ({row['module_min']:.1%}-{row['module_max']:.1%})"
         search = row["search"]
         cost = "-" if search is None else (f"{search['layer_forwards']} layer forwards on {search['search_tokens']} tokens, "
                                            f"{search['seconds'] / 60:.1f} min")
         recovery = row["recovery"]
         tuned = "-" if recovery is None else f"{recovery['tokens']} tokens, {recovery['seconds'] / 60:.1f} min"
-        print(f"| {row['recipe']} | {target} | {row['protocol']} | {row['perplexity']:.2f} | {sparsity} | {cost} | {tuned} |")
+        print(f"| {row['recipe']} | {target} | {row['protocol']} | {row['perplexity']:.2f} | {sparsity} | {spread} | {cost} | {tuned} |")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
 

@@ -230,6 +230,8 @@ def test_shipped_recipe_runs_on_cpu_kernel(name, tiny_llama, calibrations, tmp_p
     small = {"search": recipe.search.model_copy(update={"tokens": 128, "step": 0.25})}
     if recipe.recovery is not None:
         small["recovery"] = recipe.recovery.model_copy(update={"tokens": 256})
+    if recipe.sequential is not None:
+        small["sequential"] = recipe.sequential.model_copy(update={"tokens": 256})
     out = tmp_path / name
     convert(tiny_llama, calibrations["llama"][1], recipe.model_copy(update=small), out, eval_windows=0)
     reference = moyu_cli.load(out, backend="torch")
