@@ -201,6 +201,12 @@ def convert(
             f"vs dense {budget['dense_perplexity']:.2f} (+{budget['increase']:.1%}) on {budget['windows']} windows of calibration text, "
             f"{len(budget['trials'])} trials"
         )
+    if config["recipe"].get("sequential"):
+        skipped = [entry["calibrated_sparsity"] for entry in config["modules"].values() if entry["calibrated_sparsity"] is not None]
+        console.print(
+            f"thresholds measured in forward order on {config['recipe']['sequential']['tokens']} calibration tokens: "
+            f"{min(skipped):.1%}-{max(skipped):.1%} of each module's entries skipped there"
+        )
     if config.get("recovery"):
         recovery = config["recovery"]
         console.print(

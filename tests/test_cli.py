@@ -180,6 +180,26 @@ def test_convert_with_recovery(capsys, tiny_llama, calib, tmp_path):
     assert "KL to the dense model" in out
 
 
+def test_convert_sequential_after_recovery(capsys, tiny_llama, calib, tmp_path, monkeypatch):
+    import moyu_cli.export
+
+    calls = []
+    measure = moyu_cli.export.sequential_plan
+    monkeypatch.setattr(moyu_cli.export, "sequential_plan", lambda *args: calls.append(1) or measure(*args))
+    recipe = tmp_path / "sequential.yaml"
+    recipe.write_text(
+        "version: 1\nname: s\nsparsity: 0.5\nsequential: {tokens: 256}\nrecovery: {tokens: 256, lr: 1.0e-3, dtype: float32}\n"
+        "modifiers: [{type: magnitude, targets: [all]}]\n"
+    )
+    code, out, err = run(capsys, "convert", tiny_llama, "-c", calib, "-r", recipe, "-o", tmp_path / "out", "--eval-windows", "0")
+    assert code == 0, err
+    assert "thresholds measured in forward order on 256 calibration tokens" in out
+    assert len(calls) == 2  # before training and on the trained weights
+    # Measured again after training: on its own windows every module skips its target.
+    modules = json.loads((tmp_path / "out" / "moyu.json").read_text())["modules"]
+    assert all(abs(entry["calibrated_sparsity"] - 0.5) < 0.01 for entry in modules.values())
+
+
 def test_recovery_rejects_bad_lr(capsys, tiny_llama, calib, tmp_path):
     recipe = tmp_path / "recover.yaml"
     recipe.write_text("version: 1\nname: r\nsparsity: 0.5\nrecovery: {lr: 2}\nmodifiers: [{type: magnitude}]\n")
