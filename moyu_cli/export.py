@@ -75,8 +75,11 @@ def _calibration_sources(calibration, purpose: str) -> list:
 
 
 def _plan_recipe(recipe: Recipe, model, tokenizer, layout, calibration, max_ppl_increase: float | None, budget_windows: int):
-    """Return the recipe (its sparsity chosen by the budget search when one is set), plan, allocation and budget
-    reports, and the calibration entries each module skips when its threshold was recalibrated sequentially."""
+    """Return the recipe, its plan, the allocation and budget reports, and the sequential pass's skipped fractions.
+
+    With a budget, the recipe's sparsity is the one the budget search chose. The skipped fractions
+    (module -> fraction of calibration entries) are empty unless the recipe is sequential.
+    """
     allocator = None
     if recipe.allocation != "uniform":
         from .allocate import RecipeAllocator
@@ -85,7 +88,7 @@ def _plan_recipe(recipe: Recipe, model, tokenizer, layout, calibration, max_ppl_
         allocator = RecipeAllocator(recipe, copy.deepcopy(model), tokenizer, calibration, _calibration_sources(calibration, "the allocation search"))
     reports: dict[float, dict] = {}
     plans: dict[float, dict[str, ModulePlan]] = {}
-    skipped: dict[float, dict[str, float]] = {}  # sequential calibration: calibration entries skipped per module
+    skipped: dict[float, dict[str, float]] = {}  # per sparsity: module -> fraction skipped on the sequential pass
 
     def plan_for(sparsity: float) -> dict[str, ModulePlan]:
         if sparsity not in plans:

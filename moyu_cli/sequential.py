@@ -5,15 +5,15 @@ Once the modules before it skip channels, a module's input changes, and its real
 drifts from its target, mostly upward at high sparsity (SmolLM2-135M, `teal-block-greedy` at a
 70% target: 72.4% realized on the test text, `teal-uniform`: 76.4%). With a recipe's
 `sequential:` block set, every `magnitude` threshold is instead measured on calibration windows
-run through the model as it will run: module by module in forward order, each threshold is the
-exact quantile, at the module's target sparsity, of its score on the input it receives with every
-earlier module already sparse at its new threshold.
+run through the model as it will run. Module by module in forward order, each threshold becomes
+the exact quantile, at the module's target sparsity, of its score on the input it receives with
+every earlier module already sparse at its new threshold.
 
 Modules that share an input (q/k/v, gate/up) are calibrated together, so one layer takes one
 forward per distinct input (four in a Llama block) plus one to produce the next layer's input.
 The decoder layers are replayed one at a time from the embedding output (allocate.LayerReplay),
 so the cost is about five full forwards of the backbone on `sequential.tokens` tokens, and the LM
-head never runs. Only `magnitude` modifiers are recalibrated; other modules keep their plan.
+head never runs. Only `magnitude` modifiers are recalibrated. Other modules keep their plan.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from torch import nn
 from .allocate import LayerReplay
 from .architecture import DecoderLayout, find_decoder_layers
 from .calibrate import column_norms
+from .errors import MoyuError
 from .modeling import ModulePlan, apply_plan, sparse_modules
 
 logger = logging.getLogger(__name__)
@@ -37,8 +38,9 @@ def exact_threshold(x: torch.Tensor, sparsity: float, norms: torch.Tensor | None
     """Return the per-channel threshold that skips `sparsity` of the entries of `x [..., K]`, and the fraction it skips.
 
     The score of entry (t, k) is |x[t, k]|, or |x[t, k]| * norms[k] when `norms` (the weight column
-    norms, WINA) is given; the threshold of channel k is then t / norms[k]. An entry is skipped when
-    its score is at or under the score threshold, so ties make the skipped fraction a little larger.
+    norms, WINA) is given. The threshold of channel k is then t / norms[k], infinite for an all-zero
+    column. An entry is skipped when its score is at or under the score threshold, so ties make the
+    skipped fraction a little larger.
     """
     score = x.detach().float().abs().reshape(-1, x.shape[-1])
     if norms is not None:
@@ -63,11 +65,14 @@ def sequential_thresholds(
 ) -> tuple[dict[str, ModulePlan], dict[str, float]]:
     """Recompute the thresholds of the modules in `scores` (name -> "magnitude" | "weighted") in forward order.
 
-    `model` is left unchanged; the work runs on a copy with the plan's sparse modules (torch backend).
+    `model` is left unchanged: the work runs on a copy with the plan's sparse modules (torch backend).
 
     Returns:
         The new plan (other entries unchanged) and, per recalibrated module, the fraction of its
         calibration entries the new threshold skips.
+
+    Raises:
+        MoyuError: a module's input contains NaN or infinite values.
     """
     started = time.perf_counter()
     work = copy.deepcopy(model)
@@ -81,7 +86,7 @@ def sequential_thresholds(
         module.enabled = False
     replay = LayerReplay(backbone, layers, input_ids)
     hidden = replay.inputs[0]
-    replay.inputs = []  # the dense inputs of later layers are not needed
+    replay.inputs = []  # Only the first layer's input is replayed, so the others are freed.
     new_plan = dict(plan)
     skipped: dict[str, float] = {}
     for index in range(len(layers)):
@@ -89,10 +94,15 @@ def sequential_thresholds(
         in_layer = [name for name in plan if name.startswith(prefix)]
         pending = [name for name in layout.linears if name in targets and name.startswith(prefix)]
         for name in in_layer:
-            # Modules that are not recalibrated run sparse at once; the pending ones dense until their turn.
+            # Modules that are not recalibrated run sparse at once, and the pending ones dense until their turn.
             modules[name].enabled = name not in targets
         while pending:
             stage, stage_input = _first_stage(replay, index, hidden, {name: modules[name] for name in pending})
+            if not bool(torch.isfinite(stage_input).all()):
+                raise MoyuError(
+                    f"NaN or infinite activation at the input of {stage[0]} during sequential threshold calibration; "
+                    "check the checkpoint, or lower the recipe's recovery.lr if recovery ran first"
+                )
             for name in stage:
                 norms = column_norms(layout.linears[name].weight) if scores[name] == "weighted" else None
                 threshold, skipped[name] = exact_threshold(stage_input, plan[name].target_sparsity, norms)
@@ -106,7 +116,7 @@ def sequential_thresholds(
 
 
 def _first_stage(replay: LayerReplay, index: int, hidden: torch.Tensor, pending: dict[str, nn.Module]) -> tuple[list[str], torch.Tensor]:
-    """Run layer `index` once; return the pending modules called first, all on the same input tensor, and that input."""
+    """Run layer `index` once and return the pending modules called first, all on one input tensor, and that input."""
     stage: list[str] = []
     captured: list[torch.Tensor] = []
 

@@ -168,13 +168,18 @@ def test_unknown_backend(capsys, tiny_llama, text_file):
     assert "unknown kernel backend 'fpga'" in err
 
 
+RECOVERY = "recovery: {tokens: 256, lr: 1.0e-3, dtype: float32}\n"
+
+
+def convert_with(capsys, tiny_llama, calib, tmp_path, settings: str):
+    """Run `moyu convert` with a 50% magnitude recipe that adds the YAML lines `settings`; return code, stdout, stderr."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"version: 1\nname: r\nsparsity: 0.5\n{settings}modifiers: [{{type: magnitude, targets: [all]}}]\n")
+    return run(capsys, "convert", tiny_llama, "-c", calib, "-r", recipe, "-o", tmp_path / "out", "--eval-windows", "0")
+
+
 def test_convert_with_recovery(capsys, tiny_llama, calib, tmp_path):
-    recipe = tmp_path / "recover.yaml"
-    recipe.write_text(
-        "version: 1\nname: r\nsparsity: 0.5\nrecovery: {tokens: 256, lr: 1.0e-3, dtype: float32}\n"
-        "modifiers: [{type: magnitude, targets: [all]}]\n"
-    )
-    code, out, err = run(capsys, "convert", tiny_llama, "-c", calib, "-r", recipe, "-o", tmp_path / "out", "--eval-windows", "0")
+    code, out, err = convert_with(capsys, tiny_llama, calib, tmp_path, RECOVERY)
     assert code == 0, err
     assert "recovery: 2 steps on 256 calibration tokens" in out
     assert "KL to the dense model" in out
@@ -186,18 +191,14 @@ def test_convert_sequential_after_recovery(capsys, tiny_llama, calib, tmp_path, 
     calls = []
     measure = moyu_cli.export.sequential_plan
     monkeypatch.setattr(moyu_cli.export, "sequential_plan", lambda *args: calls.append(1) or measure(*args))
-    recipe = tmp_path / "sequential.yaml"
-    recipe.write_text(
-        "version: 1\nname: s\nsparsity: 0.5\nsequential: {tokens: 256}\nrecovery: {tokens: 256, lr: 1.0e-3, dtype: float32}\n"
-        "modifiers: [{type: magnitude, targets: [all]}]\n"
-    )
-    code, out, err = run(capsys, "convert", tiny_llama, "-c", calib, "-r", recipe, "-o", tmp_path / "out", "--eval-windows", "0")
+    code, out, err = convert_with(capsys, tiny_llama, calib, tmp_path, "sequential: {tokens: 256}\n" + RECOVERY)
     assert code == 0, err
     assert "thresholds measured in forward order on 256 calibration tokens" in out
     assert len(calls) == 2  # before training and on the trained weights
     # Measured again after training: on its own windows every module skips its target.
     modules = json.loads((tmp_path / "out" / "moyu.json").read_text())["modules"]
-    assert all(abs(entry["calibrated_sparsity"] - 0.5) < 0.01 for entry in modules.values())
+    for name, entry in modules.items():
+        assert abs(entry["calibrated_sparsity"] - 0.5) < 0.01, name
 
 
 def test_recovery_rejects_bad_lr(capsys, tiny_llama, calib, tmp_path):

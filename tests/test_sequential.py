@@ -14,7 +14,7 @@ from moyu_cli.architecture import discover
 from moyu_cli.calibrate import calibrate, column_norms, load_calibration
 from moyu_cli.checkpoint import load_model
 from moyu_cli.data import read_text, tokenize, uses_bos, windows
-from moyu_cli.errors import RecipeError
+from moyu_cli.errors import MoyuError, RecipeError
 from moyu_cli.export import convert
 from moyu_cli.modeling import SparseLinear, apply_plan, sparsity_control
 from moyu_cli.recipe import parse_recipe
@@ -48,25 +48,29 @@ def test_exact_threshold_skips_the_fraction():
 
 
 @pytest.fixture(scope="module")
-def calibrated(tiny_checkpoints, text_file, tmp_path_factory):
+def calibration_files(tiny_checkpoints, text_file, tmp_path_factory):
     root = tmp_path_factory.mktemp("sequential")
-    result = {}
     for arch in ("llama", "gemma3_text"):
         calibrate(tiny_checkpoints[arch], [str(text_file)], root / f"{arch}.calib", tokens=2048, window=128)
-        result[arch] = load_calibration(root / f"{arch}.calib")
-    return result
+    return {arch: root / f"{arch}.calib" for arch in ("llama", "gemma3_text")}
+
+
+def prepare(checkpoint, calibration_file, text_file, score="magnitude"):
+    """Load the model and return it with its layout, a plan at 60%, the module scores and four windows."""
+    model, tokenizer = load_model(checkpoint)
+    layout = discover(model)
+    the_recipe = recipe(score)
+    plan = plan_from_recipe(the_recipe, layout, load_calibration(calibration_file))
+    bos = tokenizer.bos_token_id if uses_bos(tokenizer) else None
+    ids = windows(tokenize(tokenizer, [read_text(str(text_file))]), 128, bos_id=bos)[:4]
+    return model, layout, plan, module_scores(the_recipe, layout), ids
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
 @pytest.mark.parametrize("score", ["magnitude", "weighted"])
-def test_sequential_hits_targets_on_windows(tiny_checkpoints, calibrated, text_file, arch, score):
-    model, tokenizer = load_model(tiny_checkpoints[arch])
-    layout = discover(model)
-    the_recipe = recipe(score)
-    plan = plan_from_recipe(the_recipe, layout, calibrated[arch])
-    bos = tokenizer.bos_token_id if uses_bos(tokenizer) else None
-    ids = windows(tokenize(tokenizer, [read_text(str(text_file))]), 128, bos_id=bos)[:4]
-    new_plan, skipped = sequential_thresholds(model, layout, plan, module_scores(the_recipe, layout), ids)
+def test_sequential_hits_targets_on_windows(tiny_checkpoints, calibration_files, text_file, arch, score):
+    model, layout, plan, scores, ids = prepare(tiny_checkpoints[arch], calibration_files[arch], text_file, score)
+    new_plan, skipped = sequential_thresholds(model, layout, plan, scores, ids)
     assert set(skipped) == set(plan)
     assert not any(isinstance(module, SparseLinear) for module in model.modules())  # the input model is untouched
     # Run the sparse model on the very windows the thresholds were measured on: each module then
@@ -83,16 +87,24 @@ def test_sequential_hits_targets_on_windows(tiny_checkpoints, calibrated, text_f
         name = "model.layers.1.mlp.down_proj"
         scaled = new_plan[name].threshold * column_norms(layout.linears[name].weight)
         assert torch.allclose(scaled, scaled[0].expand_as(scaled), rtol=1e-5)
-    # The thresholds of the first modules see dense inputs either way; later ones move.
-    first = "model.layers.0.self_attn.q_proj"
-    assert not torch.equal(new_plan["model.layers.1.mlp.down_proj"].threshold, plan["model.layers.1.mlp.down_proj"].threshold)
-    assert new_plan[first].target_sparsity == plan[first].target_sparsity == 0.6
+    # A late module's threshold moves, and every module keeps its target sparsity.
+    name = "model.layers.1.mlp.down_proj"
+    assert not torch.equal(new_plan[name].threshold, plan[name].threshold)
+    for kept in ("model.layers.0.self_attn.q_proj", name):
+        assert new_plan[kept].target_sparsity == 0.6
+        assert plan[kept].target_sparsity == 0.6
 
 
-def test_convert_records_sequential_sparsity(tiny_llama, calibrated, tmp_path):
-    calibration_path = tmp_path / "llama.calib"
-    calibrate(tiny_llama, [calibrated["llama"].metadata["data"][0]["name"]], calibration_path, tokens=2048, window=128)
-    config = convert(tiny_llama, calibration_path, recipe(), tmp_path / "out", eval_windows=0)
+def test_sequential_rejects_nan_activation(tiny_llama, calibration_files, text_file):
+    model, layout, plan, scores, ids = prepare(tiny_llama, calibration_files["llama"], text_file)
+    with torch.no_grad():
+        model.model.layers[0].self_attn.o_proj.weight.fill_(float("nan"))
+    with pytest.raises(MoyuError, match="NaN or infinite activation at the input of model.layers.0.mlp.gate_proj"):
+        sequential_thresholds(model, layout, plan, scores, ids)
+
+
+def test_convert_records_sequential_sparsity(tiny_llama, calibration_files, tmp_path):
+    config = convert(tiny_llama, calibration_files["llama"], recipe(), tmp_path / "out", eval_windows=0)
     assert config["recipe"]["sequential"] == {"tokens": 512, "seed": 0}
     for entry in config["modules"].values():
         assert entry["calibrated_sparsity"] == pytest.approx(0.6, abs=2e-3)
