@@ -29,7 +29,7 @@ from moyu_cli.calibrate import calibrate, load_calibration
 from moyu_cli.checkpoint import load_model
 from moyu_cli.data import read_text
 from moyu_cli.evaluate import perplexity
-from moyu_cli.export import adapt_weights, sequential_plan
+from moyu_cli.export import adapt_weights, measured_plan
 from moyu_cli.modeling import apply_plan
 from moyu_cli.recipe import load_recipe
 from moyu_cli.sparsify import plan_from_recipe
@@ -106,8 +106,7 @@ def main() -> None:
                 sparsities, search = search_or_reuse(recipe, model, tokenizer)
             layout = discover(model)
             plan = plan_from_recipe(recipe, layout, calibration, sparsities)
-            if recipe.sequential is not None:
-                plan, _ = sequential_plan(recipe, model, tokenizer, layout, calibration, plan)
+            plan, _ = measured_plan(recipe, model, tokenizer, layout, calibration, plan)
             plan, _, recovery, _ = adapt_weights(recipe, model, tokenizer, layout, calibration, plan)
             if recovery is not None:
                 print(json.dumps({"recipe": recipe_name, "target": target, "recovery": recovery}), flush=True)

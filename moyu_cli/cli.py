@@ -207,6 +207,13 @@ def convert(
             f"thresholds measured in forward order on {config['recipe']['sequential']['tokens']} calibration tokens: "
             f"{min(skipped):.1%}-{max(skipped):.1%} of each module's entries skipped there"
         )
+    tda = [m for m in config["recipe"]["modifiers"] if m["type"] == "sequence_mlp" and m["selection"] == "threshold"]
+    if tda:
+        limits = [entry["threshold_mean"] for entry in config["modules"].values() if entry["kind"] == "sequence_mlp"]
+        console.print(
+            f"prompt thresholds (TDA) measured on {tda[0]['tokens']} calibration tokens: each MLP keeps the neurons whose "
+            f"share of the prompt's activation energy is above {min(limits):.2e}-{max(limits):.2e}"
+        )
     if config.get("recovery"):
         recovery = config["recovery"]
         console.print(

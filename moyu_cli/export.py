@@ -9,8 +9,9 @@ Export format (format version 1), one directory:
   calibrated sparsity, threshold summary), calibration provenance and the evaluation measured at
   convert time.
 - `moyu_thresholds.safetensors`: one float32 tensor per sparse module, `<module>.threshold`,
-  `[K]` per input channel (or per MLP neuron for gated_mlp; empty for sequence_mlp, whose neurons
-  the prompt chooses).
+  `[K]` per input channel (or per MLP neuron for gated_mlp). For sequence_mlp, whose neurons the
+  prompt chooses: empty for a top-k selection (GRIFFIN), one value for TDA's threshold on each
+  neuron's prompt share.
 """
 
 from __future__ import annotations
@@ -33,10 +34,10 @@ from .architecture import discover
 from .calibrate import load_calibration
 from .checkpoint import atomic_directory, check_checkpoint, checkpoint_hash, load_model, prepare_output
 from .data import read_text
-from .errors import CheckpointError, MoyuError
+from .errors import CheckpointError, MoyuError, RecipeError
 from .evaluate import perplexity
 from .modeling import ModulePlan, apply_plan
-from .recipe import Recipe, parse_recipe
+from .recipe import Recipe, SequenceMlpModifier, parse_recipe
 from .sparsify import calibrated_sparsity, module_scores, plan_from_recipe
 
 logger = logging.getLogger(__name__)
@@ -75,10 +76,10 @@ def _calibration_sources(calibration, purpose: str) -> list:
 
 
 def _plan_recipe(recipe: Recipe, model, tokenizer, layout, calibration, max_ppl_increase: float | None, budget_windows: int):
-    """Return the recipe, its plan, the allocation and budget reports, and the sequential pass's skipped fractions.
+    """Return the recipe, its plan, the allocation and budget reports, and the fractions `measured_plan` skipped.
 
     With a budget, the recipe's sparsity is the one the budget search chose. The skipped fractions
-    (module -> fraction of calibration entries) are empty unless the recipe is sequential.
+    (module -> fraction of calibration entries) are empty unless the recipe measures thresholds on the model.
     """
     allocator = None
     if recipe.allocation != "uniform":
@@ -88,7 +89,7 @@ def _plan_recipe(recipe: Recipe, model, tokenizer, layout, calibration, max_ppl_
         allocator = RecipeAllocator(recipe, copy.deepcopy(model), tokenizer, calibration, _calibration_sources(calibration, "the allocation search"))
     reports: dict[float, dict] = {}
     plans: dict[float, dict[str, ModulePlan]] = {}
-    skipped: dict[float, dict[str, float]] = {}  # per sparsity: module -> fraction skipped on the sequential pass
+    skipped: dict[float, dict[str, float]] = {}  # per sparsity: module -> fraction skipped by measured_plan
 
     def plan_for(sparsity: float) -> dict[str, ModulePlan]:
         if sparsity not in plans:
@@ -96,9 +97,7 @@ def _plan_recipe(recipe: Recipe, model, tokenizer, layout, calibration, max_ppl_
             if allocator is not None:
                 sparsities, reports[sparsity] = allocator.sparsities_for(sparsity)
             plan = plan_from_recipe(recipe.with_sparsity(sparsity), layout, calibration, sparsities)
-            if recipe.sequential is not None:
-                plan, skipped[sparsity] = sequential_plan(recipe, model, tokenizer, layout, calibration, plan)
-            plans[sparsity] = plan
+            plans[sparsity], skipped[sparsity] = measured_plan(recipe, model, tokenizer, layout, calibration, plan)
         return plans[sparsity]
 
     budget = None
@@ -143,19 +142,69 @@ def _calibration_windows(calibration, tokenizer, purpose: str, tokens: int, seed
     return batch[order]
 
 
-def sequential_plan(recipe: Recipe, model, tokenizer, layout, calibration, plan: dict[str, ModulePlan]):
-    """Recalibrate `plan`'s magnitude thresholds on `model` with the earlier modules sparse (sequential.py).
+def measured_plan(recipe: Recipe, model, tokenizer, layout, calibration, plan: dict[str, ModulePlan]):
+    """Measure on `model` the thresholds the calibration histograms cannot give.
 
-    Returns the new plan and, per recalibrated module, the fraction of calibration entries it skips.
+    `sequential:` recalibrates the magnitude thresholds with the earlier modules sparse
+    (sequential.py), and a `sequence_mlp` modifier with `selection: threshold` gets its per-layer
+    prompt thresholds (tda.py). Returns the new plan and, per measured module, the fraction of
+    calibration entries it skips (empty when nothing was measured).
     """
-    from .sequential import sequential_thresholds
+    skipped: dict[str, float] = {}
+    if recipe.sequential is not None:
+        from .sequential import sequential_thresholds
 
-    settings = recipe.sequential
-    batch = _calibration_windows(calibration, tokenizer, "sequential threshold calibration", settings.tokens, settings.seed)
-    return sequential_thresholds(model, layout, plan, module_scores(recipe, layout), batch)
+        settings = recipe.sequential
+        batch = _calibration_windows(calibration, tokenizer, "sequential threshold calibration", settings.tokens, settings.seed)
+        plan, skipped = sequential_thresholds(model, layout, plan, module_scores(recipe, layout), batch)
+    modifier = next((m for m in recipe.modifiers if isinstance(m, SequenceMlpModifier) and m.selection == "threshold"), None)
+    if modifier is not None:
+        from .tda import prompt_thresholds
+
+        window = calibration.metadata["window"]
+        prompt = window // 2 if modifier.prompt_tokens is None else modifier.prompt_tokens
+        if prompt > window:
+            raise RecipeError(f"sequence_mlp prompt_tokens {prompt} is longer than the calibration window {window}; lower it or recalibrate with a longer --window")
+        batch = _calibration_windows(calibration, tokenizer, "prompt threshold calibration", modifier.tokens, modifier.seed)
+        names = [name for name, entry in plan.items() if entry.kind == "sequence_mlp"]
+        plan, measured = prompt_thresholds(model, plan, names, batch[:, :prompt])
+        skipped |= measured
+    return plan, skipped
 
 
-def _recover(recipe: Recipe, model, tokenizer, calibration, plan: dict[str, ModulePlan]) -> dict:
+def _ramp_schedule(recipe: Recipe, student, layout, calibration, plan: dict[str, ModulePlan], steps: int, stages: int = 8):
+    """Return the recovery schedule that raises every magnitude threshold's sparsity to its target (recipe.recovery.ramp).
+
+    Stage k of `stages` sets each module's sparsity to `ramp_from + (1 - ramp_from) * k / stages`
+    times its target, with the threshold read from the calibration histogram. The last stage,
+    from `ramp * steps` on, restores the plan's own thresholds (sequentially measured ones
+    included).
+    """
+    from .modeling import sparse_modules
+    from .sparsify import magnitude_threshold
+
+    settings = recipe.recovery
+    scores = module_scores(recipe, layout)
+    modules = {name: module for name, module in sparse_modules(student).items() if name in scores and plan[name].kind == "linear"}
+    ramp_steps = round(settings.ramp * steps)
+    current = [None]
+
+    def schedule(step: int) -> None:
+        stage = stages if step >= ramp_steps else step * stages // ramp_steps
+        if stage == current[0]:
+            return
+        current[0] = stage
+        fraction = settings.ramp_from + (1 - settings.ramp_from) * stage / stages
+        for name, module in modules.items():
+            target = plan[name].target_sparsity
+            threshold = plan[name].threshold if stage == stages else magnitude_threshold(scores[name], name, layout, calibration, target * fraction)
+            module.threshold = threshold.float().contiguous()
+        logger.info("recovery step %d: sparsity at %.0f%% of each target", step + 1, 100 * fraction)
+
+    return schedule
+
+
+def _recover(recipe: Recipe, model, tokenizer, layout, calibration, plan: dict[str, ModulePlan]) -> dict:
     """Fine-tune `model`'s decoder weights in place so that, run sparse under `plan`, it matches its dense self."""
     from .data import tokenize, uses_bos, windows
     from .recover import recover
@@ -170,7 +219,9 @@ def _recover(recipe: Recipe, model, tokenizer, calibration, plan: dict[str, Modu
     order = torch.cat([torch.randperm(batch.shape[0], generator=generator) for _ in range(math.ceil(steps / batch.shape[0]))])
     student = copy.deepcopy(model)
     apply_plan(student, plan, backend="torch")
-    report = recover(student, model, batch[order[:steps]], settings.lr, settings.dtype, settings.seed, skip_first=0 if bos is None else 1)
+    schedule = _ramp_schedule(recipe, student, layout, calibration, plan, steps) if settings.ramp > 0 else None
+    report = recover(student, model, batch[order[:steps]], settings.lr, settings.dtype, settings.seed,
+                     skip_first=0 if bos is None else 1, hidden_weight=settings.hidden_weight, schedule=schedule)
     # The sparse modules keep the dense modules' parameter names, so the trained weights load back as they are.
     model.load_state_dict(student.state_dict(), strict=True)
     return report.to_dict() | {"lr": settings.lr}
@@ -181,18 +232,17 @@ def adapt_weights(recipe: Recipe, model, tokenizer, layout, calibration, plan: d
 
     Returns the plan, the rewiring and recovery reports (None when not in the recipe) and the
     calibration entries skipped per recalibrated module (None when nothing was recalibrated).
-    Rewiring permutes the plan. After recovery, a sequential recipe measures its thresholds again
-    on the trained weights.
+    Rewiring permutes the plan. After recovery, the thresholds `measured_plan` measures on the
+    model are measured again on the trained weights.
     """
     rewiring, recovery, skipped = None, None, None
     if recipe.rewire is not None:
         plan, rewiring = _rewire(recipe, model, tokenizer, layout, calibration, plan)
     if recipe.recovery is not None:
-        recovery = _recover(recipe, model, tokenizer, calibration, plan)
-        if recipe.sequential is not None:
-            # Training moves the activations, so the thresholds are measured again on the new weights.
-            plan, skipped = sequential_plan(recipe, model, tokenizer, layout, calibration, plan)
-    return plan, rewiring, recovery, skipped
+        recovery = _recover(recipe, model, tokenizer, layout, calibration, plan)
+        # Training moves the activations, so thresholds measured on the model are measured again.
+        plan, skipped = measured_plan(recipe, model, tokenizer, layout, calibration, plan)
+    return plan, rewiring, recovery, skipped or None
 
 
 def convert(

@@ -3,7 +3,7 @@
 `SparseLinear` replaces an `nn.Linear` whose input is thresholded (TEAL-style),
 `SparseGatedMLP` replaces a gated MLP whose activated gate is thresholded (CATS-style), and
 `SequenceMLP` replaces a gated MLP that keeps, for a whole sequence, the neurons its prompt
-activated most (GRIFFIN-style). They call a kernel backend from `moyu_kernels`; the "torch"
+activated most (GRIFFIN- or TDA-style). They call a kernel backend from `moyu_kernels`; the "torch"
 backend is the reference semantics.
 
 Sparsity control is per module and set through `SparsityControl`:
@@ -35,9 +35,11 @@ class ModulePlan:
     """The sparsity decided for one module: its kind, per-channel threshold and target sparsity."""
 
     # "linear" (threshold on the input), "gated_mlp" (threshold on act(gate)) or "sequence_mlp"
-    # (the prompt chooses the neurons; no threshold)
+    # (the prompt chooses the neurons)
     kind: str
-    threshold: torch.Tensor  # [K] float32: K input channels, or K MLP neurons for gated_mlp; [0] for sequence_mlp
+    # float32: [K] for K input channels, or K MLP neurons for gated_mlp. sequence_mlp: [0] for a
+    # top-k selection (GRIFFIN), [1] for a threshold on each neuron's prompt share (TDA).
+    threshold: torch.Tensor
     target_sparsity: float
 
 
@@ -156,23 +158,35 @@ class SparseGatedMLP(_SparseBase):
         return self.backend.sparse_linear(active * up, self.down_t, self.zero_threshold, self.down_proj.bias)
 
 
-class SequenceMLP(_SparseBase):
-    """A gated MLP that runs each sequence on the neurons its prompt activated most (GRIFFIN).
+def prompt_scores(active: torch.Tensor) -> torch.Tensor:
+    """Return each neuron's share of the prompt's activation energy, `[B, N]` from `active [B, T, N]`.
 
-    A call with more than one position is a prompt, and it runs dense. Each sequence of the batch
-    then keeps the `keep` neurons with the largest score `||z[:, j]||_2` over the prompt's
-    positions, where `a = act(gate_proj(x)) * up_proj(x)` and `z[t] = a[t] / ||a[t]||_2`. The
-    per-position normalization stops a few large-norm positions from choosing for all. Calls of one
-    position run on those neurons only: the rows of gate_proj and up_proj and the columns of
-    down_proj of the kept neurons, gathered once per prompt into contiguous matrices, so every
-    backend reads `keep / intermediate_size` of the MLP's bytes.
+    Every position's activations are scaled to unit norm first, so each position weighs the same
+    and a few large-norm positions cannot choose for all; each row of the result sums to 1.
+    """
+    active = active.float()
+    normalized = active / active.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return normalized.pow(2).mean(dim=-2)
+
+
+class SequenceMLP(_SparseBase):
+    """A gated MLP that runs each sequence on the neurons its prompt chose (GRIFFIN or TDA).
+
+    A call with more than one position is a prompt, and it runs dense. From the prompt's
+    activations `a = act(gate_proj(x)) * up_proj(x)`, each neuron gets its share of the prompt's
+    activation energy (`prompt_scores`). Each sequence of the batch then keeps either the `keep`
+    neurons with the largest share (GRIFFIN, `threshold` None) or the neurons whose share is above
+    `threshold` (TDA, a per-layer threshold, so the count varies by sequence; at least one neuron).
+    Calls of one position run on those neurons only: the rows of gate_proj and up_proj and the
+    columns of down_proj of the kept neurons, gathered once per prompt into contiguous matrices,
+    so every backend reads only the kept neurons' bytes.
 
     Under a dense prefix (the half-dense evaluation protocol) the prefix is the prompt and the rest
     of the same call runs on its selection. A one-position call before any prompt is a prompt.
     The prefill policy does not matter here: prompts always run dense.
     """
 
-    def __init__(self, mlp: nn.Module, sparsity: float, backend_name: str, backend):
+    def __init__(self, mlp: nn.Module, sparsity: float, backend_name: str, backend, threshold: float | None = None):
         super().__init__(backend_name, backend)
         self.gate_proj = mlp.gate_proj
         self.up_proj = mlp.up_proj
@@ -180,8 +194,9 @@ class SequenceMLP(_SparseBase):
         self.act_fn = mlp.act_fn
         self.neurons = self.down_proj.in_features
         self.keep = max(1, round((1.0 - sparsity) * self.neurons))
-        self.selected: torch.Tensor | None = None  # [B, keep] neuron indices of the current sequences
-        self._gathered: tuple[torch.Tensor, ...] | None = None
+        self.threshold = threshold
+        self.selected: list[torch.Tensor] | None = None  # per sequence of the batch: its kept neuron indices, sorted
+        self._gathered: list[tuple] = []
 
     def _activations(self, x: torch.Tensor) -> torch.Tensor:
         return self.act_fn(self.gate_proj(x)) * self.up_proj(x)
@@ -191,37 +206,45 @@ class SequenceMLP(_SparseBase):
 
     def _select(self, active: torch.Tensor) -> None:
         """Choose each sequence's neurons from the prompt activations `active [B, T, N]`."""
-        normalized = active.float() / active.float().norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        score = normalized.pow(2).sum(dim=-2)  # [B, N], the squared column norms
-        self.selected = torch.topk(score, self.keep, dim=-1).indices.sort(dim=-1).values
-        gate = self.gate_proj.weight[self.selected]  # [B, keep, H]
-        up = self.up_proj.weight[self.selected]
-        down_t = self.down_proj.weight.t()[self.selected]  # [B, keep, H]
-        gate_bias = None if self.gate_proj.bias is None else self.gate_proj.bias[self.selected]
-        up_bias = None if self.up_proj.bias is None else self.up_proj.bias[self.selected]
-        if self.backend_name == "torch":
-            self._gathered = (gate, up, down_t, gate_bias, up_bias)
+        score = prompt_scores(active)
+        if self.threshold is None:
+            self.selected = list(torch.topk(score, self.keep, dim=-1).indices.sort(dim=-1).values)
         else:
-            # Kernel layout: one [H, 2 * keep] matrix for gate and up (transposed) per sequence,
-            # read whole by a threshold of -1 on every channel.
-            gate_up_t = torch.cat([gate, up], dim=1).transpose(1, 2).contiguous()
-            bias = None if gate_bias is None else torch.cat([gate_bias, up_bias], dim=-1)
-            self._gathered = (gate_up_t, down_t.contiguous(), bias)
-            self._read_all = (torch.full((gate_up_t.shape[1],), -1.0), torch.full((self.keep,), -1.0))
+            self.selected = []
+            for row in score:
+                chosen = torch.nonzero(row > self.threshold).flatten()
+                self.selected.append(chosen if chosen.numel() else row.argmax().reshape(1))
+        self._gathered = [self._gather(indices) for indices in self.selected]
+
+    def _gather(self, indices: torch.Tensor) -> tuple:
+        """Copy the weights of the neurons `indices` into contiguous matrices for one sequence."""
+        gate = self.gate_proj.weight[indices]  # [keep, H]
+        up = self.up_proj.weight[indices]
+        down_t = self.down_proj.weight.t()[indices]  # [keep, H]
+        gate_bias = None if self.gate_proj.bias is None else self.gate_proj.bias[indices]
+        up_bias = None if self.up_proj.bias is None else self.up_proj.bias[indices]
+        if self.backend_name == "torch":
+            return gate, up, down_t, gate_bias, up_bias
+        # Kernel layout: one [H, 2 * keep] matrix for gate and up (transposed), read whole by a
+        # threshold of -1 on every channel.
+        gate_up_t = torch.cat([gate, up], dim=0).t().contiguous()
+        bias = None if gate_bias is None else torch.cat([gate_bias, up_bias])
+        read_all = (torch.full((gate_up_t.shape[0],), -1.0), torch.full((indices.numel(),), -1.0))
+        return gate_up_t, down_t.contiguous(), bias, read_all
 
     def _selected_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Run `x [B, T, H]` on each sequence's selected neurons."""
         outputs = []
-        for row in range(x.shape[0]):
+        for row, gathered in enumerate(self._gathered):
             row_input = x[row]
             if self.backend_name == "torch":
-                gate, up, down_t, gate_bias, up_bias = (None if t is None else t[row] for t in self._gathered)
+                gate, up, down_t, gate_bias, up_bias = gathered
                 g, u = F.linear(row_input, gate, gate_bias), F.linear(row_input, up, up_bias)
                 outputs.append(torch.matmul(self.act_fn(g) * u, down_t))
             else:
-                gate_up_t, down_t, bias = (None if t is None else t[row] for t in self._gathered)
-                g, u = self.backend.sparse_linear(row_input, gate_up_t, self._read_all[0], bias).split(self.keep, dim=-1)
-                outputs.append(self.backend.sparse_linear(self.act_fn(g) * u, down_t, self._read_all[1], None))
+                gate_up_t, down_t, bias, read_all = gathered
+                g, u = self.backend.sparse_linear(row_input, gate_up_t, read_all[0], bias).chunk(2, dim=-1)
+                outputs.append(self.backend.sparse_linear(self.act_fn(g) * u, down_t, read_all[1], None))
         y = torch.stack(outputs)
         if self.down_proj.bias is not None:
             y = y + self.down_proj.bias
@@ -235,7 +258,7 @@ class SequenceMLP(_SparseBase):
         positions = x.shape[1]
         if self.dense_prefix > 0:
             prompt = min(self.dense_prefix, positions)
-        elif positions > 1 or self.selected is None or self.selected.shape[0] != x.shape[0]:
+        elif positions > 1 or self.selected is None or len(self.selected) != x.shape[0]:
             prompt = positions  # a new prompt (dense prefill or not, the prompt runs dense)
         else:
             prompt = 0
@@ -247,13 +270,14 @@ class SequenceMLP(_SparseBase):
         if prompt < positions:
             rest = x[:, prompt:]
             if self.track:
-                self.kept += self.keep * rest.shape[0] * rest.shape[1]
+                self.kept += sum(indices.numel() for indices in self.selected) * rest.shape[1]
                 self.total += self.neurons * rest.shape[0] * rest.shape[1]
             outputs.append(self._selected_forward(rest))
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-2)
 
     def extra_repr(self) -> str:
-        return f"keep={self.keep}/{self.neurons} neurons per sequence, backend={self.backend_name}"
+        rule = f"keep={self.keep}/{self.neurons}" if self.threshold is None else f"share>{self.threshold:.3g} of {self.neurons}"
+        return f"{rule} neurons per sequence, backend={self.backend_name}"
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -273,7 +297,9 @@ def apply_plan(model: nn.Module, plan: dict[str, ModulePlan], backend: str = "au
         elif entry.kind == "gated_mlp":
             replacement = SparseGatedMLP(original, entry.threshold, backend_name, kernels)
         elif entry.kind == "sequence_mlp":
-            replacement = SequenceMLP(original, entry.target_sparsity, backend_name, kernels)
+            # A one-element threshold is TDA's per-layer threshold on the prompt share; none is GRIFFIN's top-k.
+            threshold = float(entry.threshold[0]) if entry.threshold.numel() else None
+            replacement = SequenceMLP(original, entry.target_sparsity, backend_name, kernels, threshold)
         else:
             raise ValueError(f"unknown module plan kind {entry.kind!r} for {name}")
         _set_module(model, name, replacement)

@@ -63,13 +63,17 @@ class GatedMlpModifier(_Modifier):
 
 
 class SequenceMlpModifier(_Modifier):
-    """Choose each gated MLP's neurons once per sequence from the prompt (GRIFFIN).
+    """Choose each gated MLP's neurons once per sequence from the prompt (GRIFFIN or TDA).
 
-    The prompt runs dense. Each sequence then keeps the `1 - sparsity` fraction of neurons with
-    the largest prompt score (modeling.SequenceMLP), so every generated token reads only their
-    rows of gate_proj and up_proj and columns of down_proj. Needs a prompt: under the strict
-    evaluation protocol (no dense positions) the first call of every window is its own prompt
-    and runs dense, so use the half-dense protocol to measure it.
+    The prompt runs dense, and every neuron gets its share of the prompt's activation energy
+    (modeling.prompt_scores). `selection: top-k` (GRIFFIN) keeps the `1 - sparsity` fraction of
+    neurons with the largest share, the same count for every sequence. `selection: threshold`
+    (TDA) keeps the neurons whose share is above a per-layer threshold, measured at convert time
+    as the quantile of the shares on calibration prompts (tda.py), so the count follows the
+    prompt and only averages to `1 - sparsity` on calibration text. Every generated token reads
+    only the kept neurons' rows of gate_proj and up_proj and columns of down_proj. Needs a
+    prompt: under the strict evaluation protocol (no dense positions) the first call of every
+    window is its own prompt and runs dense, so use the half-dense protocol to measure it.
 
     Example (recipes/griffin-mlp.yaml):
         - type: sequence_mlp
@@ -77,6 +81,12 @@ class SequenceMlpModifier(_Modifier):
     """
 
     type: Literal["sequence_mlp"]
+    selection: Literal["top-k", "threshold"] = "top-k"
+    # `selection: threshold` only: calibration tokens (whole windows, at least one) whose first
+    # `prompt_tokens` tokens are the calibration prompts; null: half the calibration window.
+    tokens: int = Field(default=16384, ge=1)
+    prompt_tokens: int | None = Field(default=None, ge=1)
+    seed: int = 0  # chooses the calibration windows
 
 
 class SearchSettings(_Strict):
@@ -117,6 +127,13 @@ class RecoverySettings(_Strict):
     # reports fast bfloat16 (AVX-512 or newer), float32 otherwise: on AVX2 bfloat16 measured 2x slower.
     dtype: Literal["auto", "bfloat16", "float32"] = "auto"
     seed: int = 0  # chooses and orders the calibration windows
+    # Added to the KL: the mean over decoder layers of each position's squared hidden-state error
+    # relative to the dense model's, times this weight (0: the KL alone).
+    hidden_weight: float = Field(default=0.0, ge=0.0)
+    # Sparsity ramp: over the first `ramp` fraction of the steps, every magnitude threshold's
+    # sparsity rises in 8 stages from `ramp_from` times its target to the target (0: no ramp).
+    ramp: float = Field(default=0.0, ge=0.0, le=1.0)
+    ramp_from: float = Field(default=0.5, ge=0.0, le=1.0)
 
 
 Modifier = Annotated[Union[MagnitudeModifier, GatedMlpModifier, SequenceMlpModifier], Field(discriminator="type")]

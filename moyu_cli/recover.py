@@ -22,6 +22,7 @@ import logging
 import math
 import time
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +56,20 @@ def _kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, chunk: int =
         t = F.log_softmax(teacher_logits[start : start + chunk].float(), dim=-1)
         total = total + (t.exp() * (t - s)).sum()
     return total / positions
+
+
+def _hidden_loss(student_states: tuple, teacher_states: tuple, skip_first: int) -> torch.Tensor:
+    """Mean over decoder layers and positions of |h_student - h_teacher|^2 / |h_teacher|^2.
+
+    Per position, so the few positions with very large hidden states (the first token's
+    attention sink) weigh no more than the others. The embedding output (index 0) is the same in
+    both models and is left out.
+    """
+    total = student_states[1].new_zeros((), dtype=torch.float32)
+    for student, teacher in zip(student_states[1:], teacher_states[1:]):
+        s, t = student[0, skip_first:].float(), teacher[0, skip_first:].float()
+        total = total + ((s - t).pow(2).sum(-1) / t.pow(2).sum(-1).clamp_min(1e-6)).mean()
+    return total / (len(student_states) - 1)
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -91,6 +106,8 @@ def recover(
     dtype: str = "auto",
     seed: int = 0,
     skip_first: int = 0,
+    hidden_weight: float = 0.0,
+    schedule: Callable[[int], None] | None = None,
 ) -> RecoveryReport:
     """Fine-tune `student` (sparse modules in place, torch backend) toward `teacher` on the windows of `batch`.
 
@@ -100,6 +117,8 @@ def recover(
         dtype: autocast compute dtype ("auto", "bfloat16" or "float32", see `resolve_dtype`);
             weights and the optimizer state stay float32.
         skip_first: positions at the start of each window left out of the loss (a BOS token).
+        hidden_weight: weight of `_hidden_loss`, added to the KL (0: the KL alone).
+        schedule: called with the step index before each step (the sparsity ramp sets thresholds).
 
     Raises:
         MoyuError: the loss becomes NaN or infinite.
@@ -119,12 +138,18 @@ def recover(
     autocast = dict(device_type=device_type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
     try:
         for step in range(steps):
+            if schedule is not None:
+                schedule(step)
             ids = batch[step : step + 1]
+            hidden = hidden_weight > 0
             with torch.no_grad(), torch.autocast(**autocast):
-                target = teacher(input_ids=ids, use_cache=False).logits[0, skip_first:]
+                target = teacher(input_ids=ids, use_cache=False, output_hidden_states=hidden)
             with torch.autocast(**autocast):
-                logits = student(input_ids=ids, use_cache=False).logits[0, skip_first:]
-            loss = _kl(logits, target)
+                output = student(input_ids=ids, use_cache=False, output_hidden_states=hidden)
+            kl = _kl(output.logits[0, skip_first:], target.logits[0, skip_first:])
+            loss = kl
+            if hidden:
+                loss = loss + hidden_weight * _hidden_loss(output.hidden_states, target.hidden_states, skip_first)
             if not math.isfinite(loss.item()):
                 raise MoyuError(f"recovery loss is {loss.item()} at step {step}; lower the recipe's recovery.lr (now {lr})")
             optimizer.zero_grad(set_to_none=True)
@@ -133,7 +158,7 @@ def recover(
             for group in optimizer.param_groups:
                 group["lr"] = lr * scale
             optimizer.step()
-            losses.append(loss.item())
+            losses.append(kl.item())
             if step % 10 == 0 or step == steps - 1:
                 logger.info("recovery step %d/%d: KL %.4f (%.0f s)", step + 1, steps, losses[-1], time.perf_counter() - started)
     finally:

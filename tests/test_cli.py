@@ -189,8 +189,8 @@ def test_convert_sequential_after_recovery(capsys, tiny_llama, calib, tmp_path, 
     import moyu_cli.export
 
     calls = []
-    measure = moyu_cli.export.sequential_plan
-    monkeypatch.setattr(moyu_cli.export, "sequential_plan", lambda *args: calls.append(1) or measure(*args))
+    measure = moyu_cli.export.measured_plan
+    monkeypatch.setattr(moyu_cli.export, "measured_plan", lambda *args: calls.append(1) or measure(*args))
     code, out, err = convert_with(capsys, tiny_llama, calib, tmp_path, "sequential: {tokens: 256}\n" + RECOVERY)
     assert code == 0, err
     assert "thresholds measured in forward order on 256 calibration tokens" in out
@@ -207,3 +207,11 @@ def test_recovery_rejects_bad_lr(capsys, tiny_llama, calib, tmp_path):
     code, _, err = run(capsys, "convert", tiny_llama, "-c", calib, "-r", recipe, "-o", tmp_path / "out")
     assert_one_line_error(code, err, "recovery.lr")
     assert not (tmp_path / "out").exists()
+
+
+def test_convert_tda_prints_thresholds(capsys, tiny_llama, calib, tmp_path):
+    code, out, err = run(capsys, "convert", tiny_llama, "-c", calib, "-r", "tda-mlp", "-o", tmp_path / "out", "--eval-windows", "0")
+    assert code == 0, err
+    assert "prompt thresholds (TDA) measured on 16384 calibration tokens" in out
+    thresholds = [m["threshold_mean"] for m in json.loads((tmp_path / "out" / "moyu.json").read_text())["modules"].values()]
+    assert len(thresholds) == 2 and all(t > 0 for t in thresholds)

@@ -241,3 +241,45 @@ def test_shipped_recipe_runs_on_cpu_kernel(name, tiny_llama, calibrations, tmp_p
     tokens = [LeanDecoder(model, 16).generate(ids, 8) for model in (reference, kernel)]
     # Ties across a threshold can part the two greedy outputs late; the first tokens must agree.
     assert tokens[0][:4] == tokens[1][:4]
+
+
+def test_hidden_loss_is_relative_per_position():
+    from moyu_cli.recover import _hidden_loss
+
+    teacher = tuple(torch.randn(1, 5, 8) for _ in range(3))
+    assert float(_hidden_loss(teacher, teacher, 0)) == 0.0
+    # Every layer's states doubled: a relative squared error of 1 at every position.
+    doubled = (teacher[0],) + tuple(2 * t for t in teacher[1:])
+    torch.testing.assert_close(_hidden_loss(doubled, teacher, 0), torch.tensor(1.0))
+    # The embedding output is the same in both models and is left out; so are skipped positions.
+    moved = (teacher[0] + 5,) + tuple(torch.cat([t[:, :1] * 9, t[:, 1:]], dim=1) for t in teacher[1:])
+    assert float(_hidden_loss(moved, teacher, 1)) == 0.0
+
+
+def test_recovery_ramp_raises_sparsity_to_the_plan(tiny_llama, calibrations, tmp_path, monkeypatch):
+    import moyu_cli.recover
+    from moyu_cli.calibrate import load_calibration
+    from moyu_cli.sparsify import histogram_quantile
+
+    seen = []
+    train = moyu_cli.recover.recover
+
+    def watched(student, *args, schedule=None, **kwargs):
+        def step(index):
+            schedule(index)
+            seen.append(float(student.get_submodule("model.layers.0.self_attn.q_proj").threshold[0]))
+
+        return train(student, *args, schedule=step, **kwargs)
+
+    monkeypatch.setattr(moyu_cli.recover, "recover", watched)
+    recipe = load_recipe("teal-uniform").with_sparsity(0.6)
+    settings = RecoverySettings(tokens=128 * 16, lr=3e-3, dtype="float32", ramp=0.5, ramp_from=0.5, hidden_weight=1.0)
+    config = convert(tiny_llama, calibrations["llama"][1], recipe.model_copy(update={"recovery": settings}), tmp_path / "out", eval_windows=0)
+    histogram = load_calibration(calibrations["llama"][1]).statistics_for("model.layers.0.self_attn.q_proj").histogram
+    assert len(seen) == 16
+    # Stage k of 8 over the first 8 steps: sparsity (0.5 + 0.5 * k / 8) * 0.6; then the plan's threshold.
+    for step in range(8):
+        assert seen[step] == pytest.approx(histogram_quantile(histogram, (0.5 + 0.5 * step / 8) * 0.6), rel=1e-6)
+    plan_threshold = config["modules"]["model.layers.0.self_attn.q_proj"]["threshold_mean"]
+    assert seen[8:] == [pytest.approx(plan_threshold, rel=1e-6)] * 8
+    assert seen == sorted(seen)

@@ -113,3 +113,83 @@ def test_lean_decoder_and_eval(exported, text_file):
     result = perplexity(model, tokenizer, [read_text(text_file)], window=128, max_windows=2, protocol="half-dense")
     mlp_sparsity = [v for k, v in result.module_sparsity.items() if k.endswith(".mlp")]
     assert mlp_sparsity and all(v == pytest.approx(0.5, abs=0.01) for v in mlp_sparsity)
+
+
+@pytest.fixture(scope="module")
+def tda_export(tiny_llama, text_file, tmp_path_factory):
+    root = tmp_path_factory.mktemp("tda")
+    calibrate(tiny_llama, [str(text_file)], root / "llama.calib", tokens=1024, window=128)
+    out = root / "tda"
+    recipe = load_recipe("tda-mlp").with_sparsity(0.6)
+    config = convert(tiny_llama, root / "llama.calib", recipe, out, eval_windows=0)
+    return out, config
+
+
+def test_tda_thresholds_are_prompt_quantiles(tiny_llama, tda_export, text_file):
+    """Each threshold skips the target fraction of the prompt shares on its calibration prompts, recomputed here."""
+    from moyu_cli.calibrate import load_calibration
+    from moyu_cli.checkpoint import load_model
+    from moyu_cli.export import _calibration_windows
+    from moyu_cli.modeling import prompt_scores
+
+    out, config = tda_export
+    model, tokenizer = load_model(tiny_llama)
+    modifier = load_recipe("tda-mlp").modifiers[0]
+    calibration = load_calibration(config["calibration"]["file"])
+    prompts = _calibration_windows(calibration, tokenizer, "test", modifier.tokens, modifier.seed)[:, :64]
+    shares = {}
+    hooks = [
+        model.get_submodule(name).register_forward_hook(
+            lambda module, args, output, name=name: shares.__setitem__(
+                name, prompt_scores(module.act_fn(module.gate_proj(args[0])) * module.up_proj(args[0]))
+            )
+        )
+        for name in config["modules"]
+    ]
+    with torch.no_grad():
+        model(input_ids=prompts)
+    for hook in hooks:
+        hook.remove()
+    for name, entry in config["modules"].items():
+        assert entry["kind"] == "sequence_mlp" and entry["channels"] == 1
+        skipped = float((shares[name] <= entry["threshold_mean"]).float().mean())
+        assert skipped == pytest.approx(0.6, abs=0.005), name
+        assert entry["calibrated_sparsity"] == pytest.approx(skipped, abs=1e-6), name
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_tda_keeps_neurons_above_threshold(tda_export, backend):
+    out, _ = tda_export
+    model = moyu_cli.load(out, backend=backend)
+    mlp = model.get_submodule("model.layers.1.mlp")
+    assert isinstance(mlp, SequenceMLP) and mlp.threshold is not None
+    torch.manual_seed(0)
+    prompts, tokens = torch.randn(2, 6, 64), torch.randn(2, 1, 64)
+    # One neuron holding almost all of the second prompt's energy: that prompt keeps fewer neurons.
+    prompts[1] = prompts[1] * 0.01 + mlp.gate_proj.weight[3] * 50
+    with torch.no_grad(), sparsity_control(model, track=True):
+        mlp(prompts)
+        out = mlp(tokens)
+        counts = [indices.numel() for indices in mlp.selected]
+        for row in range(2):
+            active = mlp.act_fn(mlp.gate_proj(prompts[row : row + 1])) * mlp.up_proj(prompts[row : row + 1])
+            share = torch.stack([(p / p.norm()).pow(2) for p in active[0]]).mean(0)
+            expected = torch.nonzero(share > mlp.threshold).flatten()
+            assert torch.equal(mlp.selected[row], expected)
+            torch.testing.assert_close(out[row : row + 1], _masked_mlp(mlp, tokens[row : row + 1], expected), rtol=1e-4, atol=1e-5)
+        assert counts[0] != counts[1], "the kept count must follow the prompt"
+        assert (mlp.kept, mlp.total) == (sum(counts), 2 * mlp.neurons)
+
+
+def test_tda_prompt_longer_than_window(tiny_llama, text_file, tmp_path):
+    from moyu_cli.errors import RecipeError
+    from moyu_cli.recipe import parse_recipe
+
+    calibrate(tiny_llama, [str(text_file)], tmp_path / "c.calib", tokens=512, window=128)
+    recipe = parse_recipe({
+        "version": 1, "name": "long", "sparsity": 0.5, "prefill": "dense",
+        "modifiers": [{"type": "sequence_mlp", "targets": ["mlp"], "selection": "threshold", "prompt_tokens": 256}],
+    })
+    with pytest.raises(RecipeError, match="prompt_tokens 256 is longer than the calibration window 128"):
+        convert(tiny_llama, tmp_path / "c.calib", recipe, tmp_path / "out", eval_windows=0)
+    assert not (tmp_path / "out").exists()
