@@ -138,7 +138,11 @@ def _calibration_windows(calibration, tokenizer, purpose: str, tokens: int, seed
     bos = tokenizer.bos_token_id if uses_bos(tokenizer) else None
     window = calibration.metadata["window"]
     batch = windows(tokenize(tokenizer, _calibration_sources(calibration, purpose)), window, bos_id=bos)
-    order = torch.randperm(batch.shape[0], generator=torch.Generator().manual_seed(seed))[: max(1, tokens // window)]
+    wanted = max(1, tokens // window)
+    if wanted > batch.shape[0]:
+        logger.warning("%s asked for %d calibration tokens, but the calibration text has %d windows of %d; using all %d tokens",
+                       purpose, tokens, batch.shape[0], window, batch.numel())
+    order = torch.randperm(batch.shape[0], generator=torch.Generator().manual_seed(seed))[:wanted]
     return batch[order]
 
 

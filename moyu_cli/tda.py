@@ -2,8 +2,7 @@
 
 GRIFFIN keeps the same number of MLP neurons for every sequence. TDA keeps, in each layer, the
 neurons whose share of the prompt's activation energy (`modeling.prompt_scores`) is above a
-per-layer threshold, so a prompt that spreads its energy over many neurons keeps more of them,
-and one that concentrates it keeps fewer.
+per-layer threshold. A prompt that spreads its energy over many neurons keeps more of them.
 
 The threshold of each MLP is the quantile, at the MLP's target sparsity, of the shares measured
 on calibration prompts: the first `prompt` tokens of calibration windows, run through the dense
