@@ -140,7 +140,7 @@ def _calibration_windows(calibration, tokenizer, purpose: str, tokens: int, seed
     batch = windows(tokenize(tokenizer, _calibration_sources(calibration, purpose)), window, bos_id=bos)
     wanted = max(1, tokens // window)
     if wanted > batch.shape[0]:
-        logger.warning("%s asked for %d calibration tokens, but the calibration text has %d windows of %d; using all %d tokens",
+        logger.warning("%s requested %d calibration tokens, but the calibration text has %d windows of %d, so it uses all %d tokens",
                        purpose, tokens, batch.shape[0], window, batch.numel())
     order = torch.randperm(batch.shape[0], generator=torch.Generator().manual_seed(seed))[:wanted]
     return batch[order]
