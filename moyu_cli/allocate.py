@@ -187,21 +187,27 @@ def token_relative_error(output: torch.Tensor, reference: torch.Tensor) -> float
 
 
 class LayerReplay:
-    """Decoder layer inputs captured from one dense forward, so layers can be rerun one at a time."""
+    """Decoder layer inputs captured from one dense forward, so layers can be rerun one at a time.
 
-    def __init__(self, model: nn.Module, layers: nn.ModuleList, input_ids: torch.Tensor):
+    With `all_inputs` False only the first layer's input is kept (a caller that replays the layers
+    in order from there), which saves one hidden-state tensor per further layer.
+    """
+
+    def __init__(self, model: nn.Module, layers: nn.ModuleList, input_ids: torch.Tensor, all_inputs: bool = True):
         self.layers = layers
+        self.all_inputs = all_inputs
         self.inputs: list[torch.Tensor] = []
         self.kwargs: list[dict] = []
         handles = [layer.register_forward_pre_hook(self._capture, with_kwargs=True) for layer in layers]
         forward_with_hooks(model, input_ids, handles)
-        if len(self.inputs) != len(layers):
-            raise RuntimeError(f"captured {len(self.inputs)} decoder layer calls for {len(layers)} layers")
+        if len(self.kwargs) != len(layers):
+            raise RuntimeError(f"captured {len(self.kwargs)} decoder layer calls for {len(layers)} layers")
 
     def _capture(self, module, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
         rest = {key: value for key, value in kwargs.items() if key != "hidden_states"}
-        self.inputs.append(hidden.detach().clone())
+        if self.all_inputs or not self.inputs:
+            self.inputs.append(hidden.detach().clone())
         self.kwargs.append(rest)
 
     def run(self, index: int, hidden: torch.Tensor) -> torch.Tensor:

@@ -84,9 +84,8 @@ def sequential_thresholds(
     backbone = work.get_submodule(layers_path.rsplit(".", 1)[0])
     for module in modules.values():
         module.enabled = False
-    replay = LayerReplay(backbone, layers, input_ids)
+    replay = LayerReplay(backbone, layers, input_ids, all_inputs=False)
     hidden = replay.inputs[0]
-    replay.inputs = []  # Only the first layer's input is replayed, so the others are freed.
     new_plan = dict(plan)
     skipped: dict[str, float] = {}
     for index in range(len(layers)):
