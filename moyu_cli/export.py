@@ -298,7 +298,10 @@ def convert(
         label = "calibration text (in-sample)"
     evaluation = None
     if sources and eval_windows > 0:
-        result = perplexity(model, tokenizer, sources, window=calibration.metadata["window"], max_windows=eval_windows)
+        # Sequence-level selection needs a prompt, and the strict protocol has none (every window
+        # would run dense), so those recipes are measured with the first half of each window as the prompt.
+        protocol = "half-dense" if any(entry.kind == "sequence_mlp" for entry in plan.values()) else "strict"
+        result = perplexity(model, tokenizer, sources, window=calibration.metadata["window"], max_windows=eval_windows, protocol=protocol)
         evaluation = {"text": label, **result.to_dict()}
         evaluation.pop("module_sparsity")
     config = {

@@ -121,8 +121,15 @@ def tda_export(tiny_llama, text_file, tmp_path_factory):
     calibrate(tiny_llama, [str(text_file)], root / "llama.calib", tokens=1024, window=128)
     out = root / "tda"
     recipe = load_recipe("tda-mlp").with_sparsity(0.6)
-    config = convert(tiny_llama, root / "llama.calib", recipe, out, eval_windows=0)
+    config = convert(tiny_llama, root / "llama.calib", recipe, out, eval_windows=2)
     return out, config
+
+
+def test_convert_measures_selection_half_dense(tda_export):
+    """The strict protocol has no prompt, so convert measures sequence-level recipes half-dense."""
+    evaluation = tda_export[1]["evaluation"]
+    assert evaluation["protocol"] == "half-dense"
+    assert evaluation["model_sparsity"] > 0.2
 
 
 def test_tda_thresholds_are_prompt_quantiles(tiny_llama, tda_export, text_file):
