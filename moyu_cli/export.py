@@ -138,11 +138,11 @@ def _calibration_windows(calibration, tokenizer, purpose: str, tokens: int, seed
     bos = tokenizer.bos_token_id if uses_bos(tokenizer) else None
     window = calibration.metadata["window"]
     batch = windows(tokenize(tokenizer, _calibration_sources(calibration, purpose)), window, bos_id=bos)
-    wanted = max(1, tokens // window)
-    if wanted > batch.shape[0]:
+    count = max(1, tokens // window)
+    if count > batch.shape[0]:
         logger.warning("%s requested %d calibration tokens, but the calibration text has %d windows of %d, so it uses all %d tokens",
                        purpose, tokens, batch.shape[0], window, batch.numel())
-    order = torch.randperm(batch.shape[0], generator=torch.Generator().manual_seed(seed))[:wanted]
+    order = torch.randperm(batch.shape[0], generator=torch.Generator().manual_seed(seed))[:count]
     return batch[order]
 
 

@@ -162,7 +162,7 @@ def prompt_scores(active: torch.Tensor) -> torch.Tensor:
     """Return each neuron's share of the prompt's activation energy, `[B, N]` from `active [B, T, N]`.
 
     Every position's activations are scaled to unit norm first, so each position weighs the same
-    and a few large-norm positions cannot choose for all; each row of the result sums to 1.
+    and a few large-norm positions cannot choose for all. Each row of the result sums to 1.
     """
     active = active.float()
     normalized = active / active.norm(dim=-1, keepdim=True).clamp_min(1e-12)

@@ -59,9 +59,9 @@ def _kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, chunk: int =
 
 
 def _hidden_loss(student_states: tuple, teacher_states: tuple, skip_first: int) -> torch.Tensor:
-    """Mean over decoder layers and positions of |h_student - h_teacher|^2 / |h_teacher|^2.
+    """Return the mean over decoder layers and positions of |h_student - h_teacher|^2 / |h_teacher|^2.
 
-    Per position, so the few positions with very large hidden states (the first token's
+    The error is relative per position, so the few positions with very large hidden states (the first token's
     attention sink) weigh no more than the others. The embedding output (index 0) is the same in
     both models and is left out.
     """
