@@ -251,7 +251,7 @@ def test_hidden_loss_is_relative_per_position():
     # Every layer's states doubled: a relative squared error of 1 at every position.
     doubled = (teacher[0],) + tuple(2 * t for t in teacher[1:])
     torch.testing.assert_close(_hidden_loss(doubled, teacher, 0), torch.tensor(1.0))
-    # The embedding output is the same in both models and is left out; so are skipped positions.
+    # The embedding output is the same in both models and is left out. So are skipped positions.
     moved = (teacher[0] + 5,) + tuple(torch.cat([t[:, :1] * 9, t[:, 1:]], dim=1) for t in teacher[1:])
     assert float(_hidden_loss(moved, teacher, 1)) == 0.0
 

@@ -158,7 +158,8 @@ def test_tda_thresholds_are_prompt_quantiles(tiny_llama, tda_export, text_file):
     for hook in hooks:
         hook.remove()
     for name, entry in config["modules"].items():
-        assert entry["kind"] == "sequence_mlp" and entry["channels"] == 1
+        assert entry["kind"] == "sequence_mlp"
+        assert entry["channels"] == 1
         skipped = float((shares[name] <= entry["threshold_mean"]).float().mean())
         assert skipped == pytest.approx(0.6, abs=0.005), name
         assert entry["calibrated_sparsity"] == pytest.approx(skipped, abs=1e-6), name
@@ -172,7 +173,7 @@ def test_tda_keeps_neurons_above_threshold(tda_export, backend):
     assert isinstance(mlp, SequenceMLP) and mlp.threshold is not None
     torch.manual_seed(0)
     prompts, tokens = torch.randn(2, 6, 64), torch.randn(2, 1, 64)
-    # One neuron holding almost all of the second prompt's energy: that prompt keeps fewer neurons.
+    # The second prompt points along one neuron's gate row, so that neuron dominates its energy.
     prompts[1] = prompts[1] * 0.01 + mlp.gate_proj.weight[3] * 50
     with torch.no_grad(), sparsity_control(model, track=True):
         mlp(prompts)
