@@ -191,13 +191,14 @@ def _ramp_schedule(recipe: Recipe, student, layout, calibration, plan: dict[str,
     scores = module_scores(recipe, layout)
     modules = {name: module for name, module in sparse_modules(student).items() if name in scores and plan[name].kind == "linear"}
     ramp_steps = round(settings.ramp * steps)
-    current = [None]
+    current = None  # the stage whose thresholds are set
 
     def schedule(step: int) -> None:
+        nonlocal current
         stage = stages if step >= ramp_steps else step * stages // ramp_steps
-        if stage == current[0]:
+        if stage == current:
             return
-        current[0] = stage
+        current = stage
         fraction = settings.ramp_from + (1 - settings.ramp_from) * stage / stages
         for name, module in modules.items():
             target = plan[name].target_sparsity

@@ -256,7 +256,7 @@ def test_hidden_loss_is_relative_per_position():
     assert float(_hidden_loss(moved, teacher, 1)) == 0.0
 
 
-def test_recovery_ramp_raises_sparsity_to_the_plan(tiny_llama, calibrations, tmp_path, monkeypatch):
+def test_recovery_ramp_reaches_plan(tiny_llama, calibrations, tmp_path, monkeypatch):
     import moyu_cli.recover
     from moyu_cli.calibrate import load_calibration
     from moyu_cli.sparsify import histogram_quantile
