@@ -201,7 +201,8 @@ def convert(
             f"vs dense {budget['dense_perplexity']:.2f} (+{budget['increase']:.1%}) on {budget['windows']} windows of calibration text, "
             f"{len(budget['trials'])} trials"
         )
-    if config["recipe"].get("sequential"):
+    recovery_settings = config["recipe"].get("recovery") or {}
+    if config["recipe"].get("sequential") and not recovery_settings.get("hold_sparsity"):
         skipped = [entry["calibrated_sparsity"] for entry in config["modules"].values() if entry["calibrated_sparsity"] is not None]
         console.print(
             f"thresholds measured in forward order on {config['recipe']['sequential']['tokens']} calibration tokens: "
@@ -220,6 +221,13 @@ def convert(
             f"recovery: {recovery['steps']} steps on {recovery['tokens']} calibration tokens, {recovery['seconds'] / 60:.1f} min; "
             f"KL to the dense model {recovery['kl_first']:.3f} -> {recovery['kl_last']:.3f}"
         )
+        if recovery_settings.get("hold_sparsity"):
+            last_skipped = [entry["calibrated_sparsity"] for entry in config["modules"].values()
+                    if entry["kind"] != "sequence_mlp" and entry["calibrated_sparsity"] is not None]
+            console.print(
+                f"thresholds held at their targets while training: {min(last_skipped):.1%}-{max(last_skipped):.1%} "
+                "of each module's entries skipped on the last training window"
+            )
     if evaluation:
         console.print(
             f"perplexity {evaluation['perplexity']:.2f} on {evaluation['text']} ({evaluation['windows']} windows, "

@@ -146,16 +146,17 @@ def _calibration_windows(calibration, tokenizer, purpose: str, tokens: int, seed
     return batch[order]
 
 
-def measured_plan(recipe: Recipe, model, tokenizer, layout, calibration, plan: dict[str, ModulePlan]):
+def measured_plan(recipe: Recipe, model, tokenizer, layout, calibration, plan: dict[str, ModulePlan], sequential: bool = True):
     """Measure on `model` the thresholds the calibration histograms cannot give.
 
     `sequential:` recalibrates the magnitude thresholds with the earlier modules sparse
-    (sequential.py), and a `sequence_mlp` modifier with `selection: threshold` gets its per-layer
-    prompt thresholds (tda.py). Returns the new plan and, per measured module, the fraction of
-    calibration entries it skips (empty when nothing was measured).
+    (sequential.py; skipped when `sequential` is False), and a `sequence_mlp` modifier with
+    `selection: threshold` gets its per-layer prompt thresholds (tda.py). Returns the new plan
+    and, per measured module, the fraction of calibration entries it skips (empty when nothing
+    was measured).
     """
     skipped: dict[str, float] = {}
-    if recipe.sequential is not None:
+    if recipe.sequential is not None and sequential:
         from .sequential import sequential_thresholds
 
         settings = recipe.sequential
@@ -209,8 +210,62 @@ def _ramp_schedule(recipe: Recipe, student, layout, calibration, plan: dict[str,
     return schedule
 
 
-def _recover(recipe: Recipe, model, tokenizer, layout, calibration, plan: dict[str, ModulePlan]) -> dict:
-    """Fine-tune `model`'s decoder weights in place so that, run sparse under `plan`, it matches its dense self."""
+class _HoldSparsity:
+    """Recovery schedule that keeps every magnitude and gated-MLP threshold's sparsity at its target.
+
+    Before each step it scales each module's threshold by `exp(gain * (target - skipped))`, where
+    `skipped` is the fraction of the module's entries the previous step skipped (counted on the
+    training window, every position). Training moves the activations, so fixed thresholds drift
+    from their targets (under them on the models measured); these follow the activations and the
+    weights train with the thresholds they are exported with. Modules of a group (q/k/v, gate/up)
+    see the same input, so with equal thresholds they get equal updates and stay equal.
+    """
+
+    def __init__(self, student, plan: dict[str, ModulePlan], gain: float = 0.5):
+        from .modeling import sparse_modules
+
+        self.plan = plan
+        self.gain = gain
+        self.modules = {
+            name: module for name, module in sparse_modules(student).items()
+            if plan[name].kind in ("linear", "gated_mlp") and plan[name].target_sparsity > 0
+        }
+        self.skipped: dict[str, float] = {}  # per module, the fraction the last step skipped
+        for module in self.modules.values():
+            module.track = True
+            module.reset_counts()
+
+    def _read(self) -> None:
+        for name, module in self.modules.items():
+            if module.total:
+                self.skipped[name] = 1 - module.kept / module.total
+            module.reset_counts()
+
+    def __call__(self, step: int) -> None:
+        self._read()
+        for name, module in self.modules.items():
+            if name in self.skipped:
+                module.threshold = module.threshold * math.exp(self.gain * (self.plan[name].target_sparsity - self.skipped[name]))
+
+    def finish(self) -> tuple[dict[str, ModulePlan], dict[str, float]]:
+        """Stop counting; return the plan with the held thresholds and the fractions the last step skipped."""
+        self._read()
+        for module in self.modules.values():
+            module.track = False
+        plan = dict(self.plan)
+        for name, module in self.modules.items():
+            entry = plan[name]
+            plan[name] = ModulePlan(entry.kind, module.threshold.detach().clone(), entry.target_sparsity)
+        return plan, dict(self.skipped)
+
+
+def _recover(recipe: Recipe, model, tokenizer, layout, calibration, plan: dict[str, ModulePlan]):
+    """Fine-tune `model`'s decoder weights in place so that, run sparse under `plan`, it matches its dense self.
+
+    Returns the recovery report, the plan (with the held thresholds under `hold_sparsity`, else
+    unchanged) and the fractions of the last step's entries each held threshold skipped (None
+    without `hold_sparsity`).
+    """
     from .data import tokenize, uses_bos, windows
     from .recover import recover
 
@@ -224,12 +279,19 @@ def _recover(recipe: Recipe, model, tokenizer, layout, calibration, plan: dict[s
     order = torch.cat([torch.randperm(batch.shape[0], generator=generator) for _ in range(math.ceil(steps / batch.shape[0]))])
     student = copy.deepcopy(model)
     apply_plan(student, plan, backend="torch")
-    schedule = _ramp_schedule(recipe, student, layout, calibration, plan, steps) if settings.ramp > 0 else None
+    schedule = None
+    if settings.ramp > 0:
+        schedule = _ramp_schedule(recipe, student, layout, calibration, plan, steps)
+    elif settings.hold_sparsity:
+        schedule = _HoldSparsity(student, plan)
     report = recover(student, model, batch[order[:steps]], settings.lr, settings.dtype, settings.seed,
                      skip_first=0 if bos is None else 1, hidden_weight=settings.hidden_weight, schedule=schedule)
+    held_skipped = None
+    if isinstance(schedule, _HoldSparsity):
+        plan, held_skipped = schedule.finish()
     # The sparse modules keep the dense modules' parameter names, so the trained weights load back as they are.
     model.load_state_dict(student.state_dict(), strict=True)
-    return report.to_dict() | {"lr": settings.lr}
+    return report.to_dict() | {"lr": settings.lr}, plan, held_skipped
 
 
 def adapt_weights(recipe: Recipe, model, tokenizer, layout, calibration, plan: dict[str, ModulePlan]):
@@ -238,15 +300,17 @@ def adapt_weights(recipe: Recipe, model, tokenizer, layout, calibration, plan: d
     Returns the plan, the rewiring and recovery reports (None when not in the recipe) and the
     calibration entries skipped per recalibrated module (None when nothing was recalibrated).
     Rewiring permutes the plan. After recovery, the thresholds `measured_plan` measures on the
-    model are measured again on the trained weights.
+    model are measured again on the trained weights, sequential ones only without `hold_sparsity`.
     """
     rewiring, recovery, skipped = None, None, None
     if recipe.rewire is not None:
         plan, rewiring = _rewire(recipe, model, tokenizer, layout, calibration, plan)
     if recipe.recovery is not None:
-        recovery = _recover(recipe, model, tokenizer, layout, calibration, plan)
-        # Training moves the activations, so thresholds measured on the model are measured again.
-        plan, skipped = measured_plan(recipe, model, tokenizer, layout, calibration, plan)
+        recovery, plan, held_skipped = _recover(recipe, model, tokenizer, layout, calibration, plan)
+        # Training moves the activations, so thresholds measured on the model are measured again,
+        # except the ones held at their targets while training.
+        plan, skipped = measured_plan(recipe, model, tokenizer, layout, calibration, plan, sequential=held_skipped is None)
+        skipped = (held_skipped or {}) | skipped
     return plan, rewiring, recovery, skipped or None
 
 

@@ -134,6 +134,16 @@ class RecoverySettings(_Strict):
     # sparsity rises in 8 stages from `ramp_from` times its target to the target (0: no ramp).
     ramp: float = Field(default=0.0, ge=0.0, le=1.0)
     ramp_from: float = Field(default=0.5, ge=0.0, le=1.0)
+    # Hold each magnitude or gated-MLP threshold's sparsity at its target while training: before
+    # every step, each threshold is scaled by exp(0.5 * (target - fraction the last step skipped)).
+    # The trained thresholds are exported, and a `sequential:` block is not measured again after training.
+    hold_sparsity: bool = False
+
+    @model_validator(mode="after")
+    def _one_threshold_schedule(self) -> "RecoverySettings":
+        if self.ramp > 0 and self.hold_sparsity:
+            raise ValueError("recovery 'ramp' and 'hold_sparsity' both set the thresholds while training; use one of them")
+        return self
 
 
 Modifier = Annotated[Union[MagnitudeModifier, GatedMlpModifier, SequenceMlpModifier], Field(discriminator="type")]

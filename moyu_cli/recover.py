@@ -118,7 +118,8 @@ def recover(
             weights and the optimizer state stay float32.
         skip_first: positions at the start of each window left out of the loss (a BOS token).
         hidden_weight: weight of `_hidden_loss`, added to the KL (0: the KL alone).
-        schedule: called with the step index before each step (the sparsity ramp sets thresholds).
+        schedule: called with the step index before each step (the sparsity ramp and
+            `hold_sparsity` set thresholds there).
 
     Raises:
         MoyuError: the loss becomes NaN or infinite.

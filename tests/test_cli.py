@@ -190,7 +190,7 @@ def test_convert_sequential_after_recovery(capsys, tiny_llama, calib, tmp_path, 
 
     calls = []
     measure = moyu_cli.export.measured_plan
-    monkeypatch.setattr(moyu_cli.export, "measured_plan", lambda *args: calls.append(1) or measure(*args))
+    monkeypatch.setattr(moyu_cli.export, "measured_plan", lambda *args, **kwargs: calls.append(1) or measure(*args, **kwargs))
     code, out, err = convert_with(capsys, tiny_llama, calib, tmp_path, "sequential: {tokens: 256}\n" + RECOVERY)
     assert code == 0, err
     assert "thresholds measured in forward order on 256 calibration tokens" in out
@@ -199,6 +199,20 @@ def test_convert_sequential_after_recovery(capsys, tiny_llama, calib, tmp_path, 
     modules = json.loads((tmp_path / "out" / "moyu.json").read_text())["modules"]
     for name, entry in modules.items():
         assert abs(entry["calibrated_sparsity"] - 0.5) < 0.01, name
+
+
+def test_convert_hold_sparsity_keeps_trained_thresholds(capsys, tiny_llama, calib, tmp_path, monkeypatch):
+    import moyu_cli.sequential
+
+    passes = []
+    measure = moyu_cli.sequential.sequential_thresholds
+    monkeypatch.setattr(moyu_cli.sequential, "sequential_thresholds", lambda *args: passes.append(1) or measure(*args))
+    settings = "sequential: {tokens: 256}\nrecovery: {tokens: 256, lr: 1.0e-3, dtype: float32, hold_sparsity: true}\n"
+    code, out, err = convert_with(capsys, tiny_llama, calib, tmp_path, settings)
+    assert code == 0, err
+    assert len(passes) == 1  # before training only: the held thresholds are not measured again
+    assert "thresholds held at their targets while training" in out
+    assert "thresholds measured in forward order" not in out
 
 
 def test_recovery_rejects_bad_lr(capsys, tiny_llama, calib, tmp_path):

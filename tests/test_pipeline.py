@@ -283,3 +283,50 @@ def test_recovery_ramp_reaches_plan(tiny_llama, calibrations, tmp_path, monkeypa
     plan_threshold = config["modules"]["model.layers.0.self_attn.q_proj"]["threshold_mean"]
     assert seen[8:] == [pytest.approx(plan_threshold, rel=1e-6)] * 8
     assert seen == sorted(seen)
+
+
+def test_recovery_holds_sparsity(tiny_llama, calibrations, tmp_path, monkeypatch):
+    """`hold_sparsity` scales each threshold by exp(0.5 * (target - last step's skipped fraction)) and exports the result."""
+    import math
+
+    import moyu_cli.recover
+
+    name = "model.layers.1.self_attn.q_proj"
+    seen = []  # per step: (threshold used, fraction skipped on that step)
+    train = moyu_cli.recover.recover
+
+    def watched(student, *args, schedule=None, **kwargs):
+        module = student.get_submodule(name)
+
+        def step(index):
+            if index:
+                seen[-1] = (seen[-1][0], 1 - module.kept / module.total)
+            schedule(index)
+            seen.append((float(module.threshold[0]), None))
+
+        return train(student, *args, schedule=step, **kwargs)
+
+    monkeypatch.setattr(moyu_cli.recover, "recover", watched)
+    recipe = load_recipe("teal-uniform").with_sparsity(0.6)
+    settings = RecoverySettings(tokens=128 * 24, lr=3e-3, dtype="float32", hold_sparsity=True)
+    out = tmp_path / "out"
+    config = convert(tiny_llama, calibrations["llama"][1], recipe.model_copy(update={"recovery": settings}), out, eval_windows=0)
+    assert len(seen) == 24
+    for (before, skipped), (after, _) in zip(seen, seen[1:]):
+        assert after == pytest.approx(before * math.exp(0.5 * (0.6 - skipped)), rel=1e-6)
+    assert len({threshold for threshold, _ in seen}) > 1
+    # The exported threshold is the one the last step trained with; q/k/v still share one.
+    with safe_open(out / "moyu_thresholds.safetensors", "pt") as handle:
+        q, k, v = (handle.get_tensor(f"model.layers.1.self_attn.{p}_proj.threshold") for p in "qkv")
+    assert float(q[0]) == pytest.approx(seen[-1][0], rel=1e-6)
+    assert torch.equal(q, k)
+    assert torch.equal(q, v)
+    # Reported: what each module skipped on the last training window, on average at the target.
+    last_skipped = [entry["calibrated_sparsity"] for entry in config["modules"].values()]
+    assert sum(last_skipped) / len(last_skipped) == pytest.approx(0.6, abs=0.02)
+    assert all(abs(s - 0.6) < 0.1 for s in last_skipped), last_skipped
+
+
+def test_recovery_ramp_and_hold_exclusive():
+    with pytest.raises(ValueError, match="hold_sparsity"):
+        RecoverySettings(ramp=0.5, hold_sparsity=True)
