@@ -215,9 +215,9 @@ class _HoldSparsity:
 
     Before each step it scales each module's threshold by `exp(gain * (target - skipped))`, where
     `skipped` is the fraction of the module's entries the previous step skipped (counted on the
-    training window, every position). Training moves the activations, so fixed thresholds drift
-    from their targets (under them on the models measured); these follow the activations and the
-    weights train with the thresholds they are exported with. Modules of a group (q/k/v, gate/up)
+    training window, every position). Training moves the activations, so thresholds fixed before
+    training skip another fraction after it. These follow the activations, and the weights train
+    with the thresholds that are exported. Modules of a group (q/k/v, gate/up)
     see the same input, so with equal thresholds they get equal updates and stay equal.
     """
 
@@ -243,6 +243,9 @@ class _HoldSparsity:
 
     def __call__(self, step: int) -> None:
         self._read()
+        if step % 10 == 1 and self.skipped:
+            mean = sum(self.skipped.values()) / len(self.skipped)
+            logger.info("recovery step %d: the held thresholds skipped %.1f%% of their entries (module mean)", step, 100 * mean)
         for name, module in self.modules.items():
             if name in self.skipped:
                 module.threshold = module.threshold * math.exp(self.gain * (self.plan[name].target_sparsity - self.skipped[name]))
