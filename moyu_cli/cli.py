@@ -221,9 +221,13 @@ def convert(
             f"recovery: {recovery['steps']} steps on {recovery['tokens']} calibration tokens, {recovery['seconds'] / 60:.1f} min; "
             f"KL to the dense model {recovery['kl_first']:.3f} -> {recovery['kl_last']:.3f}"
         )
-        if recovery_settings.get("hold_sparsity"):
-            last_skipped = [entry["calibrated_sparsity"] for entry in config["modules"].values()
-                    if entry["kind"] != "sequence_mlp" and entry["calibrated_sparsity"] is not None]
+        # The modules `hold_sparsity` adjusts: thresholded ones with a target above zero.
+        last_skipped = [
+            entry["calibrated_sparsity"]
+            for entry in config["modules"].values()
+            if entry["kind"] != "sequence_mlp" and entry["target_sparsity"] > 0 and entry["calibrated_sparsity"] is not None
+        ]
+        if recovery_settings.get("hold_sparsity") and last_skipped:
             console.print(
                 f"thresholds held at their targets while training: {min(last_skipped):.1%}-{max(last_skipped):.1%} "
                 "of each module's entries skipped on the last training window"

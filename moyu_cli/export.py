@@ -217,8 +217,8 @@ class _HoldSparsity:
     `skipped` is the fraction of the module's entries the previous step skipped (counted on the
     training window, every position). Training moves the activations, so thresholds fixed before
     training skip another fraction after it. These follow the activations, and the weights train
-    with the thresholds that are exported. Modules of a group (q/k/v, gate/up)
-    see the same input, so with equal thresholds they get equal updates and stay equal.
+    with the thresholds that are exported. Modules of a group (q/k/v, gate/up) see the same
+    input, so with equal thresholds they get equal updates and stay equal.
     """
 
     def __init__(self, student, plan: dict[str, ModulePlan], gain: float = 0.5):
@@ -262,7 +262,9 @@ class _HoldSparsity:
         return plan, dict(self.skipped)
 
 
-def _recover(recipe: Recipe, model, tokenizer, layout, calibration, plan: dict[str, ModulePlan]):
+def _recover(
+    recipe: Recipe, model, tokenizer, layout, calibration, plan: dict[str, ModulePlan]
+) -> tuple[dict, dict[str, ModulePlan], dict[str, float] | None]:
     """Fine-tune `model`'s decoder weights in place so that, run sparse under `plan`, it matches its dense self.
 
     Returns the recovery report, the plan (with the held thresholds under `hold_sparsity`, else

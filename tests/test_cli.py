@@ -215,6 +215,12 @@ def test_convert_hold_sparsity_keeps_trained_thresholds(capsys, tiny_llama, cali
     assert "thresholds measured in forward order" not in out
 
 
+def test_recovery_rejects_ramp_with_hold(capsys, tiny_llama, calib, tmp_path):
+    code, _, err = convert_with(capsys, tiny_llama, calib, tmp_path, "recovery: {ramp: 0.5, hold_sparsity: true}\n")
+    assert_one_line_error(code, err, "hold_sparsity", "ramp")
+    assert not (tmp_path / "out").exists()
+
+
 def test_recovery_rejects_bad_lr(capsys, tiny_llama, calib, tmp_path):
     recipe = tmp_path / "recover.yaml"
     recipe.write_text("version: 1\nname: r\nsparsity: 0.5\nrecovery: {lr: 2}\nmodifiers: [{type: magnitude}]\n")
