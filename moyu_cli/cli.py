@@ -210,10 +210,13 @@ def convert(
         )
     tda = [m for m in config["recipe"]["modifiers"] if m["type"] == "sequence_mlp" and m["selection"] == "threshold"]
     if tda:
-        limits = [entry["threshold_mean"] for entry in config["modules"].values() if entry["kind"] == "sequence_mlp"]
+        entries = [entry for entry in config["modules"].values() if entry["kind"] == "sequence_mlp"]
+        lengths = entries[0]["prompt_lengths"]
+        limits = [entry["thresholds"][-1] for entry in entries]
         console.print(
-            f"prompt thresholds (TDA) measured on {tda[0]['tokens']} calibration tokens: each MLP keeps the neurons whose "
-            f"share of the prompt's activation energy is above {min(limits):.2e}-{max(limits):.2e}"
+            f"prompt thresholds (TDA) measured on {tda[0]['tokens']} calibration tokens at {len(lengths)} prompt lengths of "
+            f"{lengths[0]}-{lengths[-1]} tokens: for a {lengths[-1]}-token prompt each MLP keeps the neurons whose share of "
+            f"the prompt's activation energy is above {min(limits):.2e}-{max(limits):.2e}"
         )
     if config.get("recovery"):
         recovery = config["recovery"]

@@ -10,8 +10,9 @@ Export format (format version 1), one directory:
   convert time.
 - `moyu_thresholds.safetensors`: one float32 tensor per sparse module, `<module>.threshold`,
   `[K]` per input channel (or per MLP neuron for gated_mlp). For sequence_mlp, whose neurons the
-  prompt chooses: empty for a top-k selection (GRIFFIN), one value for TDA's threshold on each
-  neuron's prompt share.
+  prompt chooses: empty for a top-k selection (GRIFFIN); for TDA's threshold on each neuron's
+  prompt share, one value per prompt length, with the lengths (int64) in
+  `<module>.prompt_lengths` (an export without them has one value for every length).
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ def _plan_summary(plan: dict[str, ModulePlan], calibrated: dict[str, float]) -> 
             "threshold_mean": float(entry.threshold.mean()) if entry.threshold.numel() else None,
             "channels": entry.threshold.numel(),
         }
+        | ({} if entry.prompt_lengths is None else {"prompt_lengths": entry.prompt_lengths.tolist(), "thresholds": entry.threshold.tolist()})
         for name, entry in plan.items()
     }
 
@@ -399,7 +401,9 @@ def convert(
                     file.unlink()
                 (staging / "model.safetensors.index.json").unlink(missing_ok=True)
                 new_weights.save_pretrained(staging, safe_serialization=True)
-            save_file({f"{name}.threshold": entry.threshold for name, entry in plan.items()}, staging / THRESHOLDS_FILE)
+            tensors = {f"{name}.threshold": entry.threshold for name, entry in plan.items()}
+            tensors |= {f"{name}.prompt_lengths": entry.prompt_lengths for name, entry in plan.items() if entry.prompt_lengths is not None}
+            save_file(tensors, staging / THRESHOLDS_FILE)
             (staging / MOYU_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     except OSError as exc:
         raise MoyuError(f"failed to write {out}: {exc.strerror}; nothing was written. Free disk space or choose another --output") from exc
@@ -425,14 +429,20 @@ def read_plan(path: str | Path, config: dict) -> dict[str, ModulePlan]:
     file = Path(path) / THRESHOLDS_FILE
     try:
         with safe_open(file, framework="pt") as handle:
-            thresholds = {key.removesuffix(".threshold"): handle.get_tensor(key) for key in handle.keys()}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     except Exception as exc:  # safetensors raises its own error type for corrupt files
         raise CheckpointError(f"cannot read {file} ({type(exc).__name__}); re-export with moyu convert") from exc
     plan = {}
     for name, entry in config["modules"].items():
-        if name not in thresholds:
+        threshold, lengths = tensors.get(f"{name}.threshold"), tensors.get(f"{name}.prompt_lengths")
+        if threshold is None:
             raise CheckpointError(f"{file} has no threshold for module {name}; re-export with moyu convert")
-        plan[name] = ModulePlan(entry["kind"], thresholds[name], entry["target_sparsity"])
+        if lengths is not None and lengths.shape != threshold.shape:
+            raise CheckpointError(
+                f"invalid {file}: module {name} has {threshold.numel()} thresholds for {lengths.numel()} prompt lengths; "
+                "re-export with moyu convert"
+            )
+        plan[name] = ModulePlan(entry["kind"], threshold, entry["target_sparsity"], lengths)
     return plan
 
 

@@ -16,7 +16,9 @@ Sparsity control is per module and set through `SparsityControl`:
 
 from __future__ import annotations
 
+import bisect
 import logging
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
@@ -38,9 +40,13 @@ class ModulePlan:
     # (the prompt chooses the neurons)
     kind: str
     # float32: [K] for K input channels, or K MLP neurons for gated_mlp. sequence_mlp: [0] for a
-    # top-k selection (GRIFFIN), [1] for a threshold on each neuron's prompt share (TDA).
+    # top-k selection (GRIFFIN); for a threshold on each neuron's prompt share (TDA), one value
+    # per entry of `prompt_lengths`, or [1] for every prompt length.
     threshold: torch.Tensor
     target_sparsity: float
+    # sequence_mlp with TDA thresholds only: the increasing prompt lengths, in tokens, that the
+    # thresholds were measured at. Other lengths get a threshold interpolated in log length.
+    prompt_lengths: torch.Tensor | None = None
 
 
 class _SparseBase(nn.Module):
@@ -177,6 +183,10 @@ class SequenceMLP(_SparseBase):
     activation energy (`prompt_scores`). Each sequence of the batch then keeps either the `keep`
     neurons with the largest share (GRIFFIN, `threshold` None) or the neurons whose share is above
     `threshold` (TDA, a per-layer threshold, so the count varies by sequence; at least one neuron).
+    TDA's threshold depends on the prompt length: a short prompt averages its shares over fewer
+    positions, so they are more uneven and fewer clear a threshold measured on long prompts. With
+    `prompt_lengths`, `threshold` holds one value per length, and a prompt of T tokens uses the
+    value interpolated linearly in log T (the first or last value outside the measured lengths).
     Calls of one position run on those neurons only: the rows of gate_proj and up_proj and the
     columns of down_proj of the kept neurons, gathered once per prompt into contiguous matrices,
     so every backend reads only the kept neurons' bytes.
@@ -186,7 +196,15 @@ class SequenceMLP(_SparseBase):
     The prefill policy does not matter here: prompts always run dense.
     """
 
-    def __init__(self, mlp: nn.Module, sparsity: float, backend_name: str, backend, threshold: float | None = None):
+    def __init__(
+        self,
+        mlp: nn.Module,
+        sparsity: float,
+        backend_name: str,
+        backend,
+        threshold: float | list[float] | None = None,
+        prompt_lengths: list[int] | None = None,
+    ):
         super().__init__(backend_name, backend)
         self.gate_proj = mlp.gate_proj
         self.up_proj = mlp.up_proj
@@ -194,7 +212,11 @@ class SequenceMLP(_SparseBase):
         self.act_fn = mlp.act_fn
         self.neurons = self.down_proj.in_features
         self.keep = max(1, round((1.0 - sparsity) * self.neurons))
-        self.threshold = threshold
+        thresholds = [threshold] if isinstance(threshold, (int, float)) else threshold
+        if thresholds is not None and len(thresholds) != (1 if prompt_lengths is None else len(prompt_lengths)):
+            raise ValueError(f"invalid TDA thresholds: {len(thresholds)} values for the prompt lengths {prompt_lengths}; pass one per length")
+        self.thresholds = thresholds
+        self.prompt_lengths = prompt_lengths
         self.selected: list[torch.Tensor] | None = None  # per sequence of the batch: its kept neuron indices, sorted
         self._gathered: list[tuple] = []
 
@@ -204,15 +226,35 @@ class SequenceMLP(_SparseBase):
     def _dense(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self._activations(x))
 
+    @property
+    def threshold(self) -> float | None:
+        """TDA's threshold at the longest measured prompt length; None for a top-k selection."""
+        return None if self.thresholds is None else self.thresholds[-1]
+
+    def threshold_for(self, prompt: int) -> float:
+        """Return TDA's threshold for a prompt of `prompt` tokens."""
+        lengths, values = self.prompt_lengths, self.thresholds
+        if lengths is None:
+            return values[0]
+        if prompt <= lengths[0]:
+            return values[0]
+        if prompt >= lengths[-1]:
+            return values[-1]
+        upper = bisect.bisect_right(lengths, prompt)
+        low, high = lengths[upper - 1], lengths[upper]
+        weight = math.log(prompt / low) / math.log(high / low)
+        return values[upper - 1] + weight * (values[upper] - values[upper - 1])
+
     def _select(self, active: torch.Tensor) -> None:
         """Choose each sequence's neurons from the prompt activations `active [B, T, N]`."""
         score = prompt_scores(active)
-        if self.threshold is None:
+        if self.thresholds is None:
             self.selected = list(torch.topk(score, self.keep, dim=-1).indices.sort(dim=-1).values)
         else:
+            threshold = self.threshold_for(active.shape[-2])
             self.selected = []
             for row in score:
-                chosen = torch.nonzero(row > self.threshold).flatten()
+                chosen = torch.nonzero(row > threshold).flatten()
                 self.selected.append(chosen if chosen.numel() else row.argmax().reshape(1))
         self._gathered = [self._gather(indices) for indices in self.selected]
 
@@ -276,7 +318,13 @@ class SequenceMLP(_SparseBase):
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-2)
 
     def extra_repr(self) -> str:
-        rule = f"keep={self.keep}/{self.neurons}" if self.threshold is None else f"share>{self.threshold:.3g} of {self.neurons}"
+        if self.thresholds is None:
+            rule = f"keep={self.keep}/{self.neurons}"
+        elif self.prompt_lengths is None:
+            rule = f"share>{self.threshold:.3g} of {self.neurons}"
+        else:
+            rule = (f"share>{self.thresholds[0]:.3g}-{self.thresholds[-1]:.3g} (prompts of "
+                    f"{self.prompt_lengths[0]}-{self.prompt_lengths[-1]} tokens) of {self.neurons}")
         return f"{rule} neurons per sequence, backend={self.backend_name}"
 
 
@@ -297,9 +345,10 @@ def apply_plan(model: nn.Module, plan: dict[str, ModulePlan], backend: str = "au
         elif entry.kind == "gated_mlp":
             replacement = SparseGatedMLP(original, entry.threshold, backend_name, kernels)
         elif entry.kind == "sequence_mlp":
-            # A one-element threshold is TDA's per-layer threshold on the prompt share; none is GRIFFIN's top-k.
-            threshold = float(entry.threshold[0]) if entry.threshold.numel() else None
-            replacement = SequenceMLP(original, entry.target_sparsity, backend_name, kernels, threshold)
+            # TDA's per-layer thresholds on the prompt share (one per prompt length); none is GRIFFIN's top-k.
+            thresholds = entry.threshold.tolist() if entry.threshold.numel() else None
+            lengths = None if entry.prompt_lengths is None else [int(n) for n in entry.prompt_lengths.tolist()]
+            replacement = SequenceMLP(original, entry.target_sparsity, backend_name, kernels, thresholds, lengths)
         else:
             raise ValueError(f"unknown module plan kind {entry.kind!r} for {name}")
         _set_module(model, name, replacement)

@@ -70,7 +70,9 @@ class SequenceMlpModifier(_Modifier):
     neurons with the largest share, the same count for every sequence. `selection: threshold`
     (TDA) keeps the neurons whose share is above a per-layer threshold, measured at convert time
     as the quantile of the shares on calibration prompts (tda.py), so the count follows the
-    prompt and only averages to `1 - sparsity` on calibration text. Every generated token reads
+    prompt and only averages to `1 - sparsity` on calibration text. Shorter prompts give more
+    uneven shares, so each layer gets one threshold per prompt length (1, 2, 4, ... tokens and
+    `prompt_tokens`), interpolated in log length for the prompt at hand. Every generated token reads
     only the kept neurons' rows of gate_proj and up_proj and columns of down_proj. Needs a
     prompt: under the strict evaluation protocol (no dense positions) the first call of every
     window is its own prompt and runs dense, so use the half-dense protocol to measure it.
@@ -83,7 +85,8 @@ class SequenceMlpModifier(_Modifier):
     type: Literal["sequence_mlp"]
     selection: Literal["top-k", "threshold"] = "top-k"
     # `selection: threshold` only: calibration tokens (whole windows, at least one) whose first
-    # `prompt_tokens` tokens are the calibration prompts; null: half the calibration window.
+    # `prompt_tokens` tokens are the longest calibration prompts; null: half the calibration
+    # window. Longer prompts get the threshold measured at `prompt_tokens`.
     tokens: int = Field(default=16384, ge=1)
     prompt_tokens: int | None = Field(default=None, ge=1)
     seed: int = 0  # chooses the calibration windows

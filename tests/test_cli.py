@@ -232,6 +232,15 @@ def test_recovery_rejects_bad_lr(capsys, tiny_llama, calib, tmp_path):
 def test_convert_tda_prints_thresholds(capsys, tiny_llama, calib, tmp_path):
     code, out, err = run(capsys, "convert", tiny_llama, "-c", calib, "-r", "tda-mlp", "-o", tmp_path / "out", "--eval-windows", "0")
     assert code == 0, err
-    assert "prompt thresholds (TDA) measured on 16384 calibration tokens" in out
-    thresholds = [m["threshold_mean"] for m in json.loads((tmp_path / "out" / "moyu.json").read_text())["modules"].values()]
-    assert len(thresholds) == 2 and all(t > 0 for t in thresholds)
+    modules = json.loads((tmp_path / "out" / "moyu.json").read_text())["modules"].values()
+    lengths = [m["prompt_lengths"] for m in modules]
+    assert len(lengths) == 2
+    assert lengths[0] == lengths[1]
+    assert lengths[0][0] == 1
+    longest = [m["thresholds"][-1] for m in modules]
+    assert all(t > 0 for t in longest)
+    assert (
+        f"prompt thresholds (TDA) measured on 16384 calibration tokens at {len(lengths[0])} prompt lengths of "
+        f"1-{lengths[0][-1]} tokens: for a {lengths[0][-1]}-token prompt each MLP keeps the neurons whose share of the "
+        f"prompt's activation energy is above {min(longest):.2e}-{max(longest):.2e}"
+    ) in " ".join(out.split())

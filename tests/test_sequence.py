@@ -33,6 +33,13 @@ def _expected_selection(mlp: SequenceMLP, prompt: torch.Tensor) -> torch.Tensor:
     return torch.topk(score, mlp.keep).indices.sort().values
 
 
+def _tiny_mlp(hidden: int = 8, neurons: int = 16) -> torch.nn.Module:
+    mlp = torch.nn.Module()
+    mlp.gate_proj, mlp.up_proj = torch.nn.Linear(hidden, neurons, bias=False), torch.nn.Linear(hidden, neurons, bias=False)
+    mlp.down_proj, mlp.act_fn = torch.nn.Linear(neurons, hidden, bias=False), torch.nn.SiLU()
+    return mlp
+
+
 def _masked_mlp(mlp: SequenceMLP, x: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
     active = mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
     mask = torch.zeros(mlp.neurons, dtype=torch.bool)
@@ -132,8 +139,8 @@ def test_convert_measures_selection_half_dense(tda_export):
     assert evaluation["model_sparsity"] > 0.2
 
 
-def test_tda_thresholds_are_prompt_quantiles(tiny_llama, tda_export, text_file):
-    """Each threshold skips the target fraction of the prompt shares on its calibration prompts, recomputed here."""
+def test_tda_thresholds_per_prompt_length(tiny_llama, tda_export, text_file):
+    """At each prompt length, the threshold skips the target fraction of the shares of its calibration prompts, recomputed here."""
     from moyu_cli.calibrate import load_calibration
     from moyu_cli.checkpoint import load_model
     from moyu_cli.export import _calibration_windows
@@ -144,25 +151,45 @@ def test_tda_thresholds_are_prompt_quantiles(tiny_llama, tda_export, text_file):
     modifier = load_recipe("tda-mlp").modifiers[0]
     calibration = load_calibration(config["calibration"]["file"])
     prompts = _calibration_windows(calibration, tokenizer, "test", modifier.tokens, modifier.seed)[:, :64]
+    lengths = [1, 2, 4, 8, 16, 32, 64]
     shares = {}
-    hooks = [
-        model.get_submodule(name).register_forward_hook(
-            lambda module, args, output, name=name: shares.__setitem__(
-                name, prompt_scores(module.act_fn(module.gate_proj(args[0])) * module.up_proj(args[0]))
+    for length in lengths:
+        hooks = [
+            model.get_submodule(name).register_forward_hook(
+                lambda module, args, output, name=name, length=length: shares.__setitem__(
+                    (name, length), prompt_scores(module.act_fn(module.gate_proj(args[0])) * module.up_proj(args[0]))
+                )
             )
-        )
-        for name in config["modules"]
-    ]
-    with torch.no_grad():
-        model(input_ids=prompts)
-    for hook in hooks:
-        hook.remove()
+            for name in config["modules"]
+        ]
+        with torch.no_grad():
+            model(input_ids=prompts[:, :length])  # a prompt of `length` tokens, run on its own
+        for hook in hooks:
+            hook.remove()
     for name, entry in config["modules"].items():
         assert entry["kind"] == "sequence_mlp"
-        assert entry["channels"] == 1
-        skipped = float((shares[name] <= entry["threshold_mean"]).float().mean())
-        assert skipped == pytest.approx(0.6, abs=0.005), name
+        assert entry["prompt_lengths"] == lengths
+        assert entry["channels"] == len(lengths)
+        for length, threshold in zip(lengths, entry["thresholds"]):
+            skipped = float((shares[name, length] <= threshold).float().mean())
+            assert skipped == pytest.approx(0.6, abs=0.01), (name, length)
+        # Shorter prompts have more uneven shares: most neurons get less than on a long prompt, so the
+        # threshold that skips the same fraction is lower.
+        assert entry["thresholds"][0] < entry["thresholds"][-1], name
+        skipped = float((shares[name, 64] <= entry["thresholds"][-1]).float().mean())
         assert entry["calibrated_sparsity"] == pytest.approx(skipped, abs=1e-6), name
+
+
+def test_tda_threshold_log_interpolation():
+    mlp = SequenceMLP(_tiny_mlp(), 0.5, "torch", None, [0.4, 0.2, 0.1], [4, 16, 64])
+    assert [mlp.threshold_for(n) for n in (1, 4, 16, 64, 500)] == [0.4, 0.4, 0.2, 0.1, 0.1]
+    assert mlp.threshold_for(8) == pytest.approx(0.3)  # halfway between 4 and 16 in log length
+    assert mlp.threshold_for(32) == pytest.approx(0.15)
+    assert mlp.threshold == 0.1
+    single = SequenceMLP(_tiny_mlp(), 0.5, "torch", None, 0.25)  # an export from before prompt lengths
+    assert single.threshold_for(3) == single.threshold_for(300) == 0.25
+    with pytest.raises(ValueError, match="invalid TDA thresholds: 3 values for the prompt lengths \\[4, 16\\]"):
+        SequenceMLP(_tiny_mlp(), 0.5, "torch", None, [0.4, 0.2, 0.1], [4, 16])
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
@@ -182,11 +209,38 @@ def test_tda_keeps_neurons_above_threshold(tda_export, backend):
         for row in range(2):
             active = mlp.act_fn(mlp.gate_proj(prompts[row : row + 1])) * mlp.up_proj(prompts[row : row + 1])
             share = torch.stack([(p / p.norm()).pow(2) for p in active[0]]).mean(0)
-            expected = torch.nonzero(share > mlp.threshold).flatten()
+            expected = torch.nonzero(share > mlp.threshold_for(6)).flatten()
             assert torch.equal(mlp.selected[row], expected)
             torch.testing.assert_close(out[row : row + 1], _masked_mlp(mlp, tokens[row : row + 1], expected), rtol=1e-4, atol=1e-5)
         assert counts[0] != counts[1], "the kept count must follow the prompt"
         assert (mlp.kept, mlp.total) == (sum(counts), 2 * mlp.neurons)
+
+
+def test_tda_single_threshold_export_loads(tda_export, tmp_path):
+    """An export from before per-length thresholds (one value, no prompt lengths) uses it for every prompt."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from moyu_cli.errors import CheckpointError
+
+    out, _ = tda_export
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    tensors = load_file(old / "moyu_thresholds.safetensors")
+    name = "model.layers.1.mlp"
+    longest = float(tensors[f"{name}.threshold"][-1])
+    tensors = {key: value[-1:] for key, value in tensors.items() if key.endswith(".threshold")}
+    save_file(tensors, old / "moyu_thresholds.safetensors")
+    mlp = moyu_cli.load(old, backend="torch").get_submodule(name)
+    assert mlp.prompt_lengths is None
+    assert mlp.threshold_for(3) == pytest.approx(longest)
+    assert mlp.threshold_for(300) == pytest.approx(longest)
+
+    tensors[f"{name}.prompt_lengths"] = torch.tensor([1, 2])  # two lengths for one threshold
+    save_file(tensors, old / "moyu_thresholds.safetensors")
+    with pytest.raises(CheckpointError, match=f"module {name} has 1 thresholds for 2 prompt lengths; re-export"):
+        moyu_cli.load(old, backend="torch")
 
 
 def test_tda_prompt_longer_than_window(tiny_llama, text_file, tmp_path):
