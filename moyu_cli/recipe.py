@@ -185,6 +185,9 @@ class Recipe(_Strict):
                 raise ValueError(f"'sequential' recalibrates 'magnitude' thresholds but the modifiers are {kinds}; add a 'magnitude' modifier or remove 'sequential'")
             if self.rewire is not None:
                 raise ValueError("'sequential' and 'rewire' cannot be combined yet; remove one of them")
+        if self.rewire is not None and "sequence_mlp" in kinds:
+            # A per-prompt selection gathers its neurons into contiguous matrices anyway.
+            raise ValueError("'rewire' orders the neurons of thresholded MLPs, and a 'sequence_mlp' modifier gathers its own; remove 'rewire'")
         return self
 
     def with_sparsity(self, sparsity: float) -> "Recipe":

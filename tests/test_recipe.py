@@ -80,6 +80,12 @@ def test_bad_recipe_names_key_and_file(tmp_path, change, key, message):
     assert message in text
 
 
+def test_rewire_with_sequence_mlp(tmp_path):
+    recipe = {"version": 1, "name": "x", "sparsity": 0.5, "rewire": {}, "modifiers": [{"type": "sequence_mlp", "selection": "threshold"}]}
+    with pytest.raises(RecipeError, match="'rewire' orders the neurons of thresholded MLPs, and a 'sequence_mlp' modifier gathers its own; remove 'rewire'"):
+        load_recipe(write(tmp_path, recipe))
+
+
 def test_missing_version(tmp_path):
     data = dict(GOOD)
     del data["version"]
