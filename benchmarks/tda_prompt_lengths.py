@@ -37,7 +37,8 @@ def kept_fraction(model, mlps: dict[str, SequenceMLP], prompts: torch.Tensor) ->
     fractions = []
     with torch.no_grad():
         for prompt in prompts:
-            model(input_ids=prompt[None], use_cache=False)
+            # The selection needs no logits, so only the last position's are computed.
+            model(input_ids=prompt[None], use_cache=False, logits_to_keep=1)
             fractions += [mlp.selected[0].numel() / mlp.neurons for mlp in mlps.values()]
     return sum(fractions) / len(fractions)
 
@@ -48,7 +49,7 @@ def main() -> None:
     parser.add_argument("--calibration", type=Path, required=True, help="calibration file of the model (moyu calibrate)")
     parser.add_argument("--recipe", default="tda-mlp")
     parser.add_argument("--sparsity", type=float, default=0.667, help="MLP target sparsity of the recipe")
-    parser.add_argument("--lengths", type=int, nargs="+", default=[6, 16, 48, 128, 256, 384], help="prompt lengths to test (tokens)")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[6, 16, 48, 128, 256, 384], help="prompt lengths to test (tokens); every prompt is the start of a window as long as the longest")
     parser.add_argument("--prompts", type=int, default=32, help="prompts per length, each from its own window of the evaluation text")
     parser.add_argument("--eval-data", default=str(SHARED / "wikitext-2-raw" / "wiki.test.raw"))
     parser.add_argument("--threads", type=int, default=2)
