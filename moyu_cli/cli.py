@@ -58,8 +58,11 @@ def _threads(count: Optional[int]) -> None:
         torch.set_num_threads(count)
 
 
-def _progress(description: str, quiet: bool):
-    """Return (context, callback) for a rich progress bar, or a no-op when quiet or not a TTY."""
+def _progress(description: str, quiet: bool, lazy: bool = False):
+    """Return (context, callback) for a rich progress bar, or a no-op when quiet or not a TTY.
+
+    A `lazy` bar appears at the first callback, not when the context is entered.
+    """
     if quiet or not sys.stderr.isatty():
         class _Null:
             def __enter__(self):
@@ -73,11 +76,26 @@ def _progress(description: str, quiet: bool):
         TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=err_console
     )
     task = progress.add_task(description, total=None)
+    if not lazy:
+        def update(done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total)
 
-    def update(done: int, total: int) -> None:
+        return progress, update
+
+    class _Lazy:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            progress.stop()  # a no-op when it never started
+            return False
+
+    def start_and_update(done: int, total: int) -> None:
         progress.update(task, completed=done, total=total)
+        if not progress.live.is_started:
+            progress.start()
 
-    return progress, update
+    return _Lazy(), start_and_update
 
 
 @app.command("import-gguf")
@@ -184,8 +202,12 @@ def convert(
             increase = parse_increase(max_ppl_increase)
         except ValueError as exc:
             raise MoyuError(f"--max-ppl-increase: {exc}") from None
-    config = run(model_dir, calibration, resolved, output, eval_data=eval_data, eval_windows=eval_windows,
-                 overwrite=overwrite, allow_pickle=allow_pickle, max_ppl_increase=increase, budget_windows=budget_windows)
+    # Recovery fine-tuning runs for minutes to hours, so it gets a bar with the time left.
+    bar, update = _progress("recovery fine-tuning", as_json or resolved.recovery is None, lazy=True)
+    with bar:
+        config = run(model_dir, calibration, resolved, output, eval_data=eval_data, eval_windows=eval_windows,
+                     overwrite=overwrite, allow_pickle=allow_pickle, max_ppl_increase=increase, budget_windows=budget_windows,
+                     progress=update)
     if as_json:
         print(json.dumps(config, indent=2))
         return

@@ -23,6 +23,7 @@ import math
 import logging
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import safe_open
@@ -265,13 +266,13 @@ class _HoldSparsity:
 
 
 def _recover(
-    recipe: Recipe, model, tokenizer, layout, calibration, plan: dict[str, ModulePlan]
+    recipe: Recipe, model, tokenizer, layout, calibration, plan: dict[str, ModulePlan], progress=None
 ) -> tuple[dict, dict[str, ModulePlan], dict[str, float] | None]:
     """Fine-tune `model`'s decoder weights in place so that, run sparse under `plan`, it matches its dense self.
 
     Returns the recovery report, the plan (with the held thresholds under `hold_sparsity`, else
     unchanged) and the fractions of the last step's entries each held threshold skipped (None
-    without `hold_sparsity`).
+    without `hold_sparsity`). `progress` is called with (steps done, steps) after each step.
     """
     from .data import tokenize, uses_bos, windows
     from .recover import recover
@@ -292,7 +293,8 @@ def _recover(
     elif settings.hold_sparsity:
         schedule = _HoldSparsity(student, plan)
     report = recover(student, model, batch[order[:steps]], settings.lr, settings.dtype, settings.seed,
-                     skip_first=0 if bos is None else 1, hidden_weight=settings.hidden_weight, schedule=schedule)
+                     skip_first=0 if bos is None else 1, hidden_weight=settings.hidden_weight, schedule=schedule,
+                     progress=progress)
     held_skipped = None
     if isinstance(schedule, _HoldSparsity):
         plan, held_skipped = schedule.finish()
@@ -301,19 +303,20 @@ def _recover(
     return report.to_dict() | {"lr": settings.lr}, plan, held_skipped
 
 
-def adapt_weights(recipe: Recipe, model, tokenizer, layout, calibration, plan: dict[str, ModulePlan]):
+def adapt_weights(recipe: Recipe, model, tokenizer, layout, calibration, plan: dict[str, ModulePlan], progress=None):
     """Apply the recipe's weight changes to `model` in place: neuron rewiring, then recovery fine-tuning.
 
     Returns the plan, the rewiring and recovery reports (None when not in the recipe) and the
     calibration entries skipped per recalibrated module (None when nothing was recalibrated).
     Rewiring permutes the plan. After recovery, the thresholds `measured_plan` measures on the
     model are measured again on the trained weights, sequential ones only without `hold_sparsity`.
+    `progress` is called with (steps done, steps) after each recovery step.
     """
     rewiring, recovery, skipped = None, None, None
     if recipe.rewire is not None:
         plan, rewiring = _rewire(recipe, model, tokenizer, layout, calibration, plan)
     if recipe.recovery is not None:
-        recovery, plan, held_skipped = _recover(recipe, model, tokenizer, layout, calibration, plan)
+        recovery, plan, held_skipped = _recover(recipe, model, tokenizer, layout, calibration, plan, progress)
         # Training moves the activations, so thresholds measured on the model are measured again,
         # except the ones held at their targets while training.
         plan, skipped = measured_plan(recipe, model, tokenizer, layout, calibration, plan, sequential=held_skipped is None)
@@ -332,12 +335,14 @@ def convert(
     allow_pickle: bool = False,
     max_ppl_increase: float | None = None,
     budget_windows: int = 8,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict:
     """Apply `recipe` to `model_dir` with the statistics in `calibration_path` and export to `output`.
 
     With `max_ppl_increase` (0.05 for 5%), the recipe's sparsity is replaced by the highest
     model-wide sparsity whose perplexity on `budget_windows` windows of the calibration text is
-    at most that much above the dense model's (see budget.py).
+    at most that much above the dense model's (see budget.py). `progress` is called with
+    (steps done, steps) after each recovery fine-tuning step.
 
     Returns:
         The contents written to `moyu.json`.
@@ -358,7 +363,7 @@ def convert(
     calibrated = {
         name: calibrated_sparsity(scores.get(name, "magnitude"), name, entry, layout, calibration) for name, entry in plan.items()
     }
-    plan, rewiring, recovery, retrained_skipped = adapt_weights(recipe, model, tokenizer, layout, calibration, plan)
+    plan, rewiring, recovery, retrained_skipped = adapt_weights(recipe, model, tokenizer, layout, calibration, plan, progress)
     calibrated.update(retrained_skipped or skipped)
     new_weights = copy.deepcopy(model) if rewiring is not None or recovery is not None else None
     apply_plan(model, plan, backend="torch")

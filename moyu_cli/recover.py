@@ -108,6 +108,7 @@ def recover(
     skip_first: int = 0,
     hidden_weight: float = 0.0,
     schedule: Callable[[int], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> RecoveryReport:
     """Fine-tune `student` (sparse modules in place, torch backend) toward `teacher` on the windows of `batch`.
 
@@ -120,6 +121,7 @@ def recover(
         hidden_weight: weight of `_hidden_loss`, added to the KL (0: the KL alone).
         schedule: called with the step index before each step (the sparsity ramp and
             `hold_sparsity` set thresholds there).
+        progress: called with (steps done, steps) after each step.
 
     Raises:
         MoyuError: the loss becomes NaN or infinite.
@@ -160,6 +162,8 @@ def recover(
                 group["lr"] = lr * scale
             optimizer.step()
             losses.append(kl.item())
+            if progress is not None:
+                progress(step + 1, steps)
             if step % 10 == 0 or step == steps - 1:
                 logger.info("recovery step %d/%d: KL %.4f (%.0f s)", step + 1, steps, losses[-1], time.perf_counter() - started)
     finally:

@@ -189,9 +189,11 @@ def test_recovery_lowers_kl_and_exports_weights(tiny_llama, calibrations, tmp_pa
     recipe = load_recipe("teal-uniform").with_sparsity(0.7)
     recipe = recipe.model_copy(update={"recovery": RecoverySettings(tokens=128 * 24, lr=3e-3, dtype="float32")})
     out = tmp_path / "out"
-    config = convert(tiny_llama, calibrations["llama"][1], recipe, out, eval_windows=0)
+    calls = []
+    config = convert(tiny_llama, calibrations["llama"][1], recipe, out, eval_windows=0, progress=lambda *call: calls.append(call))
     report = config["recovery"]
     assert report["steps"] == 24
+    assert calls == [(step, 24) for step in range(1, 25)]
     assert report["tokens"] == 24 * 128
     assert report["kl_last"] < 0.7 * report["kl_first"]
     assert report["dtype"] == "float32"
