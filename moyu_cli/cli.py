@@ -235,10 +235,11 @@ def convert(
         entries = [entry for entry in config["modules"].values() if entry["kind"] == "sequence_mlp"]
         lengths = entries[0]["prompt_lengths"]
         limits = [entry["thresholds"][-1] for entry in entries]
+        prompts = max(1, tda[0]["tokens"] // config["calibration"]["window"])  # whole windows, as in export.measured_plan
         console.print(
-            f"prompt thresholds (TDA) measured on {tda[0]['tokens']} calibration tokens at {len(lengths)} prompt lengths of "
-            f"{lengths[0]}-{lengths[-1]} tokens: for a {lengths[-1]}-token prompt each MLP keeps the neurons whose share of "
-            f"the prompt's activation energy is above {min(limits):.2e}-{max(limits):.2e}"
+            f"prompt thresholds (TDA) measured on up to {prompts} calibration prompts at {len(lengths)} prompt lengths of "
+            f"{lengths[0]} to {lengths[-1]} tokens: for a {lengths[-1]}-token prompt each MLP keeps the neurons whose share of "
+            f"the prompt's activation energy is above {min(limits):.2e} to {max(limits):.2e}, depending on the MLP"
         )
     if config.get("recovery"):
         recovery = config["recovery"]
@@ -286,7 +287,7 @@ def evaluate(
     from .data import read_text
     from .evaluate import perplexity
     from .export import load
-    from .modeling import sparsity_control
+    from .modeling import SequenceMLP, sparse_modules, sparsity_control
     from transformers import AutoTokenizer
 
     _threads(threads)
@@ -309,7 +310,13 @@ def evaluate(
         return
     if compare_dense:
         _print_comparison(results["dense"], results["sparse"], sources[0].name)
-    _print_eval(results["sparse"], per_module)
+    # With --dense every module runs dense, so the summary is that of a plain checkpoint.
+    _print_eval(results["sparse"], per_module, 0 if dense else len(sparse_modules(model)))
+    if protocol == "strict" and any(isinstance(m, SequenceMLP) for m in sparse_modules(model).values()):
+        console.print(
+            "the sequence-level MLPs (sequence_mlp) ran dense, because under the strict protocol every window is its own "
+            "prompt; pass --protocol half-dense to measure them"
+        )
 
 
 def _print_comparison(dense, sparse, text: str) -> None:
@@ -319,13 +326,16 @@ def _print_comparison(dense, sparse, text: str) -> None:
     console.print(table)
 
 
-def _print_eval(result, per_module: bool) -> None:
+def _print_eval(result, per_module: bool, sparse_count: int) -> None:
     console.print(
         f"perplexity {result.perplexity:.3f} ({result.protocol}: {result.windows} windows of {result.window} tokens, "
         f"{result.targets} targets, BOS {'on' if result.bos else 'off'}, {result.seconds} s)"
     )
-    if not result.module_sparsity:
+    if not sparse_count:
         console.print("dense model: no sparse modules")
+        return
+    if not result.module_sparsity:
+        console.print(f"realized sparsity: none of the {sparse_count} sparse modules skipped any weights on these windows")
         return
     values = list(result.module_sparsity.values())
     console.print(

@@ -442,9 +442,21 @@ def read_plan(path: str | Path, config: dict) -> dict[str, ModulePlan]:
         threshold, lengths = tensors.get(f"{name}.threshold"), tensors.get(f"{name}.prompt_lengths")
         if threshold is None:
             raise CheckpointError(f"{file} has no threshold for module {name}; re-export with moyu convert")
+        if bool(torch.isnan(threshold).any()):
+            raise CheckpointError(f"invalid {file}: module {name} has NaN thresholds; re-export with moyu convert")
+        if entry["kind"] == "sequence_mlp" and threshold.numel() > 1 and lengths is None:
+            raise CheckpointError(
+                f"invalid {file}: module {name} has {threshold.numel()} prompt thresholds but no {name}.prompt_lengths; "
+                "re-export with moyu convert"
+            )
         if lengths is not None and lengths.shape != threshold.shape:
             raise CheckpointError(
                 f"invalid {file}: module {name} has {threshold.numel()} thresholds for {lengths.numel()} prompt lengths; "
+                "re-export with moyu convert"
+            )
+        if lengths is not None and not (lengths[0] >= 1 and bool((lengths[1:] > lengths[:-1]).all())):
+            raise CheckpointError(
+                f"invalid {file}: the prompt lengths of module {name} are {lengths.tolist()}, not increasing from 1 or more; "
                 "re-export with moyu convert"
             )
         plan[name] = ModulePlan(entry["kind"], threshold, entry["target_sparsity"], lengths)

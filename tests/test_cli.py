@@ -229,7 +229,7 @@ def test_recovery_rejects_bad_lr(capsys, tiny_llama, calib, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_convert_tda_prints_thresholds(capsys, tiny_llama, calib, tmp_path):
+def test_convert_tda_prints_thresholds(capsys, tiny_llama, calib, text_file, tmp_path):
     code, out, err = run(capsys, "convert", tiny_llama, "-c", calib, "-r", "tda-mlp", "-o", tmp_path / "out", "--eval-windows", "0")
     assert code == 0, err
     modules = json.loads((tmp_path / "out" / "moyu.json").read_text())["modules"].values()
@@ -240,7 +240,12 @@ def test_convert_tda_prints_thresholds(capsys, tiny_llama, calib, tmp_path):
     longest = [m["thresholds"][-1] for m in modules]
     assert all(t > 0 for t in longest)
     assert (
-        f"prompt thresholds (TDA) measured on 16384 calibration tokens at {len(lengths[0])} prompt lengths of "
-        f"1-{lengths[0][-1]} tokens: for a {lengths[0][-1]}-token prompt each MLP keeps the neurons whose share of the "
-        f"prompt's activation energy is above {min(longest):.2e}-{max(longest):.2e}"
+        f"prompt thresholds (TDA) measured on up to {16384 // 128} calibration prompts at {len(lengths[0])} prompt lengths of "
+        f"1 to {lengths[0][-1]} tokens: for a {lengths[0][-1]}-token prompt each MLP keeps the neurons whose share of the "
+        f"prompt's activation energy is above {min(longest):.2e} to {max(longest):.2e}, depending on the MLP"
     ) in " ".join(out.split())
+    # The strict protocol has no prompt, so eval says the sequence-level MLPs ran dense.
+    code, out, err = run(capsys, "eval", tmp_path / "out", "--data", text_file, "--windows", "1", "--window", "64")
+    assert code == 0, err
+    assert "the sequence-level MLPs (sequence_mlp) ran dense" in " ".join(out.split())
+    assert "pass --protocol half-dense" in " ".join(out.split())

@@ -183,6 +183,22 @@ def test_sharded_checkpoint(tiny_llama, text_file, tmp_path):
     assert len(sparse_modules(moyu_cli.load(out, backend="torch"))) == 14
 
 
+def test_export_has_usual_permissions(tiny_llama, calibrations, tmp_path):
+    """safetensors writes files 0600; the export gets the umask's usual modes like any other output."""
+    import os
+
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "out"
+        convert(tiny_llama, calibrations["llama"][1], load_recipe("teal-uniform"), out, eval_windows=0)
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == 0o755
+    modes = {file.name: file.stat().st_mode & 0o777 for file in out.iterdir()}
+    assert "moyu_thresholds.safetensors" in modes
+    assert modes == dict.fromkeys(modes, 0o644)
+
+
 def test_recovery_lowers_kl_and_exports_weights(tiny_llama, calibrations, tmp_path):
     from safetensors.torch import load_file
 

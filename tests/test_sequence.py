@@ -243,6 +243,38 @@ def test_tda_single_threshold_export_loads(tda_export, tmp_path):
         moyu_cli.load(old, backend="torch")
 
 
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ("nan", "has NaN thresholds"),
+        ("no lengths", "has 7 prompt thresholds but no model.layers.1.mlp.prompt_lengths"),
+        ("decreasing", "prompt lengths of module model.layers.1.mlp are \\[256, 128"),
+    ],
+)
+def test_tda_export_invalid_thresholds(tda_export, tmp_path, change, message):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from moyu_cli.errors import CheckpointError
+
+    out, _ = tda_export
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    tensors = load_file(bad / "moyu_thresholds.safetensors")
+    name = "model.layers.1.mlp"
+    assert tensors[f"{name}.threshold"].numel() == 7  # prompts of 1, 2, 4, ..., 64 tokens (half the 128-token window)
+    if change == "nan":
+        tensors[f"{name}.threshold"][3] = float("nan")
+    elif change == "no lengths":
+        del tensors[f"{name}.prompt_lengths"]
+    else:
+        tensors[f"{name}.prompt_lengths"] = tensors[f"{name}.prompt_lengths"].flip(0) * 4
+    save_file(tensors, bad / "moyu_thresholds.safetensors")
+    with pytest.raises(CheckpointError, match=message):
+        moyu_cli.load(bad, backend="torch")
+
+
 def test_tda_prompt_longer_than_window(tiny_llama, text_file, tmp_path):
     from moyu_cli.errors import RecipeError
     from moyu_cli.recipe import parse_recipe
