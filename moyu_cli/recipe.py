@@ -91,6 +91,12 @@ class SequenceMlpModifier(_Modifier):
     prompt_tokens: int | None = Field(default=None, ge=1)
     seed: int = 0  # chooses the calibration windows
 
+    @model_validator(mode="after")
+    def _prompt_tokens_need_thresholds(self) -> "SequenceMlpModifier":
+        if self.selection == "top-k" and self.prompt_tokens is not None:
+            raise ValueError("'prompt_tokens' sets the calibration prompts of 'selection: threshold'; add that or remove 'prompt_tokens'")
+        return self
+
 
 class SearchSettings(_Strict):
     """Settings of the greedy allocation searches (`allocation: block-greedy | greedy`)."""

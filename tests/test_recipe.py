@@ -86,6 +86,12 @@ def test_rewire_with_sequence_mlp(tmp_path):
         load_recipe(write(tmp_path, recipe))
 
 
+def test_prompt_tokens_with_top_k(tmp_path):
+    recipe = {"version": 1, "name": "x", "sparsity": 0.5, "modifiers": [{"type": "sequence_mlp", "prompt_tokens": 128}]}
+    with pytest.raises(RecipeError, match="'prompt_tokens' sets the calibration prompts of 'selection: threshold'"):
+        load_recipe(write(tmp_path, recipe))
+
+
 def test_missing_version(tmp_path):
     data = dict(GOOD)
     del data["version"]
