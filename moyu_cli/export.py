@@ -454,7 +454,7 @@ def read_plan(path: str | Path, config: dict) -> dict[str, ModulePlan]:
                 f"invalid {file}: module {name} has {threshold.numel()} thresholds for {lengths.numel()} prompt lengths; "
                 "re-export with moyu convert"
             )
-        if lengths is not None and not (lengths[0] >= 1 and bool((lengths[1:] > lengths[:-1]).all())):
+        if lengths is not None and lengths.numel() and not (lengths[0] >= 1 and bool((lengths[1:] > lengths[:-1]).all())):
             raise CheckpointError(
                 f"invalid {file}: the prompt lengths of module {name} are {lengths.tolist()}, not increasing from 1 or more; "
                 "re-export with moyu convert"
