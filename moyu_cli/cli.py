@@ -371,9 +371,10 @@ def generate(
     result = run(model_dir, prompt, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
                  chat=chat, backend=backend, allow_pickle=allow_pickle)
     console.print(result.text, markup=False, highlight=False)
+    kept = "" if result.prompt_kept is None else f", MLP neurons kept after the prompt {result.prompt_kept:.1%}"
     err_console.print(
         f"[{result.new_tokens} tokens in {result.seconds:.2f} s, {result.new_tokens / result.seconds:.1f} tokens/s, "
-        f"backend {result.backend}, prefill {result.prefill}]"
+        f"backend {result.backend}, prefill {result.prefill}{kept}]"
     )
 
 

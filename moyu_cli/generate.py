@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 from .decode import LeanDecoder
 from .errors import UnsupportedArchitectureError
 from .export import load
-from .modeling import sparsity_control
+from .modeling import SequenceMLP, sparse_modules, sparsity_control
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +25,8 @@ class Generation:
     seconds: float
     backend: str
     prefill: str
+    # Sequence-level MLPs (GRIFFIN, TDA) only: the fraction of their neurons the prompt kept, mean over MLPs.
+    prompt_kept: float | None = None
 
 
 def _lean_greedy(model, ids: torch.Tensor, max_new_tokens: int, eos: int | None) -> torch.Tensor | None:
@@ -77,4 +79,6 @@ def generate(
             new = output[0, ids.shape[1] :]
     seconds = time.perf_counter() - started
     text = tokenizer.decode(torch.cat([ids[0], new]), skip_special_tokens=True)
-    return Generation(text, int(new.numel()), seconds, model.moyu_backend or "dense", prefill if model.moyu_config else "dense")
+    selections = [m for m in sparse_modules(model).values() if isinstance(m, SequenceMLP) and m.selected]
+    kept = sum(m.selected[0].numel() / m.neurons for m in selections) / len(selections) if selections else None
+    return Generation(text, int(new.numel()), seconds, model.moyu_backend or "dense", prefill if model.moyu_config else "dense", kept)

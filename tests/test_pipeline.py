@@ -163,6 +163,7 @@ def test_generate_sparse_and_dense_prefill(tiny_llama, calibrations, tmp_path):
     assert result.new_tokens == 8
     assert result.text.startswith("The function")
     assert result.prefill == "sparse"
+    assert result.prompt_kept is None  # no sequence-level MLPs
     config = json.loads((out / "moyu.json").read_text())
     config["prefill"] = "dense"
     (out / "moyu.json").write_text(json.dumps(config))

@@ -275,6 +275,23 @@ def test_tda_export_invalid_thresholds(tda_export, tmp_path, change, message):
         moyu_cli.load(bad, backend="torch")
 
 
+def test_generate_reports_prompt_kept(tda_export):
+    """generate() reports the fraction of MLP neurons the prompt kept, as the MLPs selected them."""
+    from moyu_cli.generate import generate
+
+    out, _ = tda_export
+    prompt = "The function returns a value"
+    result = generate(out, prompt, max_new_tokens=4, backend="torch")
+    model = moyu_cli.load(out, backend="torch")
+    ids = AutoTokenizer.from_pretrained(out)(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        model(input_ids=ids)
+    mlps = [m for m in model.modules() if isinstance(m, SequenceMLP)]
+    expected = sum(m.selected[0].numel() / m.neurons for m in mlps) / len(mlps)
+    assert result.prompt_kept == pytest.approx(expected)
+    assert 0 < result.prompt_kept < 1
+
+
 def test_tda_prompt_longer_than_window(tiny_llama, text_file, tmp_path):
     from moyu_cli.errors import RecipeError
     from moyu_cli.recipe import parse_recipe
