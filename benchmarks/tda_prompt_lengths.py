@@ -33,7 +33,7 @@ SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 
 
 def kept_fraction(model, mlps: dict[str, SequenceMLP], prompts: torch.Tensor) -> float:
-    """Run `prompts` ([N, T]) as prompts, one at a time; return the mean fraction of MLP neurons they select."""
+    """Run each row of `prompts` ([N, T]) as a prompt of its own and return the mean fraction of MLP neurons selected."""
     fractions = []
     with torch.no_grad():
         for prompt in prompts:
@@ -65,7 +65,7 @@ def main() -> None:
     apply_plan(model, plan, backend="torch")
     mlps = {name: module for name, module in sparse_modules(model).items() if isinstance(module, SequenceMLP)}
     if not mlps or next(iter(mlps.values())).prompt_lengths is None:
-        raise SystemExit(f"recipe {args.recipe} has no TDA thresholds (sequence_mlp with selection: threshold); pick tda-mlp")
+        raise SystemExit(f"invalid --recipe {args.recipe}: it has no TDA thresholds (sequence_mlp with selection: threshold); pass --recipe tda-mlp")
     measured = next(iter(mlps.values())).prompt_lengths
     per_length = {name: (mlp.thresholds, mlp.prompt_lengths) for name, mlp in mlps.items()}
 

@@ -174,10 +174,11 @@ def atomic_directory(output: Path) -> Iterator[Path]:
     staging.chmod(0o777 & ~_umask())  # mkdtemp creates 0700; give the result the usual permissions
     try:
         yield staging
-        # Some writers (safetensors among them) create files 0600; give every file the usual permissions.
+        # Some writers (safetensors among them) create files 0600, so every file gets the usual permissions.
+        mode = 0o666 & ~_umask()
         for file in staging.rglob("*"):
             if file.is_file() and not file.is_symlink():
-                file.chmod(0o666 & ~_umask())
+                file.chmod(mode)
         if output.exists():
             backup = output.with_name(f".{output.name}.old-{os.getpid()}")
             os.replace(output, backup)

@@ -6,6 +6,7 @@ raise `MoyuError` and are printed as one line with exit code 1; set MOYU_DEBUG=1
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -58,44 +59,32 @@ def _threads(count: Optional[int]) -> None:
         torch.set_num_threads(count)
 
 
-def _progress(description: str, quiet: bool, lazy: bool = False):
+def _progress(description: str, quiet: bool):
     """Return (context, callback) for a rich progress bar, or a no-op when quiet or not a TTY.
 
-    A `lazy` bar appears at the first callback, not when the context is entered.
+    The bar appears at the first callback, so loading and planning before the first step show no
+    empty bar. Leaving the context removes it.
     """
     if quiet or not sys.stderr.isatty():
-        class _Null:
-            def __enter__(self):
-                return self
-
-            def __exit__(self, *exc):
-                return False
-
-        return _Null(), None
+        return contextlib.nullcontext(), None
     progress = Progress(
         TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=err_console
     )
     task = progress.add_task(description, total=None)
-    if not lazy:
-        def update(done: int, total: int) -> None:
-            progress.update(task, completed=done, total=total)
 
-        return progress, update
-
-    class _Lazy:
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            progress.stop()  # a no-op when it never started
-            return False
-
-    def start_and_update(done: int, total: int) -> None:
+    def update(done: int, total: int) -> None:
         progress.update(task, completed=done, total=total)
         if not progress.live.is_started:
             progress.start()
 
-    return _Lazy(), start_and_update
+    @contextlib.contextmanager
+    def shown():
+        try:
+            yield
+        finally:
+            progress.stop()  # a no-op when the bar never started
+
+    return shown(), update
 
 
 @app.command("import-gguf")
@@ -187,7 +176,7 @@ def convert(
 
     Example: moyu convert models/smollm2-135m -c smollm2.calib -r teal-uniform --sparsity 0.5 -o smollm2-teal50
     """
-    from .export import convert as run
+    from .export import convert as run, window_count
     from .recipe import load_recipe
 
     _threads(threads)
@@ -203,7 +192,7 @@ def convert(
         except ValueError as exc:
             raise MoyuError(f"--max-ppl-increase: {exc}") from None
     # Recovery fine-tuning runs for minutes to hours, so it gets a bar with the time left.
-    bar, update = _progress("recovery fine-tuning", as_json or resolved.recovery is None, lazy=True)
+    bar, update = _progress("recovery fine-tuning", as_json or resolved.recovery is None)
     with bar:
         config = run(model_dir, calibration, resolved, output, eval_data=eval_data, eval_windows=eval_windows,
                      overwrite=overwrite, allow_pickle=allow_pickle, max_ppl_increase=increase, budget_windows=budget_windows,
@@ -235,7 +224,8 @@ def convert(
         entries = [entry for entry in config["modules"].values() if entry["kind"] == "sequence_mlp"]
         lengths = entries[0]["prompt_lengths"]
         limits = [entry["thresholds"][-1] for entry in entries]
-        prompts = max(1, tda[0]["tokens"] // config["calibration"]["window"])  # whole windows, as in export.measured_plan
+        # The calibration text may contain fewer windows than the token budget requests, hence "up to".
+        prompts = window_count(tda[0]["tokens"], config["calibration"]["window"])
         console.print(
             f"prompt thresholds (TDA) measured on up to {prompts} calibration prompts at {len(lengths)} prompt lengths of "
             f"{lengths[0]} to {lengths[-1]} tokens: for a {lengths[-1]}-token prompt each MLP keeps the neurons whose share of "
@@ -371,10 +361,10 @@ def generate(
     result = run(model_dir, prompt, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
                  chat=chat, backend=backend, allow_pickle=allow_pickle)
     console.print(result.text, markup=False, highlight=False)
-    kept = "" if result.prompt_kept is None else f", MLP neurons kept after the prompt {result.prompt_kept:.1%}"
+    selection = "" if result.prompt_kept is None else f", MLP neurons kept after the prompt {result.prompt_kept:.1%}"
     err_console.print(
         f"[{result.new_tokens} tokens in {result.seconds:.2f} s, {result.new_tokens / result.seconds:.1f} tokens/s, "
-        f"backend {result.backend}, prefill {result.prefill}{kept}]"
+        f"backend {result.backend}, prefill {result.prefill}{selection}]"
     )
 
 

@@ -134,14 +134,19 @@ def _rewire(recipe: Recipe, model, tokenizer, layout, calibration, plan: dict[st
     return plan, report.to_dict() | {"core_frequency": settings.core_frequency, "tokens": batch.numel()}
 
 
+def window_count(tokens: int, window: int) -> int:
+    """Return how many whole calibration windows a budget of `tokens` draws (at least one)."""
+    return max(1, tokens // window)
+
+
 def _calibration_windows(calibration, tokenizer, purpose: str, tokens: int, seed: int) -> torch.Tensor:
-    """Return `[tokens // window, window]` token ids (at least one window) drawn at random from the calibration text."""
+    """Return `[window_count(tokens, window), window]` token ids drawn at random from the calibration text."""
     from .data import tokenize, uses_bos, windows
 
     bos = tokenizer.bos_token_id if uses_bos(tokenizer) else None
     window = calibration.metadata["window"]
     batch = windows(tokenize(tokenizer, _calibration_sources(calibration, purpose)), window, bos_id=bos)
-    count = max(1, tokens // window)
+    count = window_count(tokens, window)
     if count > batch.shape[0]:
         logger.warning("%s requested %d calibration tokens, but the calibration text has %d windows of %d, so it uses all %d tokens",
                        purpose, tokens, batch.shape[0], window, batch.numel())

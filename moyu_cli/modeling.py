@@ -345,7 +345,7 @@ def apply_plan(model: nn.Module, plan: dict[str, ModulePlan], backend: str = "au
         elif entry.kind == "gated_mlp":
             replacement = SparseGatedMLP(original, entry.threshold, backend_name, kernels)
         elif entry.kind == "sequence_mlp":
-            # TDA's per-layer thresholds on the prompt share (one per prompt length); none is GRIFFIN's top-k.
+            # TDA has per-layer thresholds on the prompt share, one per prompt length. GRIFFIN's top-k has none.
             thresholds = entry.threshold.tolist() if entry.threshold.numel() else None
             lengths = None if entry.prompt_lengths is None else [int(n) for n in entry.prompt_lengths.tolist()]
             replacement = SequenceMLP(original, entry.target_sparsity, backend_name, kernels, thresholds, lengths)

@@ -244,7 +244,7 @@ def test_convert_tda_prints_thresholds(capsys, tiny_llama, calib, text_file, tmp
         f"1 to {lengths[0][-1]} tokens: for a {lengths[0][-1]}-token prompt each MLP keeps the neurons whose share of the "
         f"prompt's activation energy is above {min(longest):.2e} to {max(longest):.2e}, depending on the MLP"
     ) in " ".join(out.split())
-    # The strict protocol has no prompt, so eval says the sequence-level MLPs ran dense.
+    # The strict protocol has no prompt, so eval prints that the sequence-level MLPs ran dense.
     code, out, err = run(capsys, "eval", tmp_path / "out", "--data", text_file, "--windows", "1", "--window", "64")
     assert code == 0, err
     assert "the sequence-level MLPs (sequence_mlp) ran dense" in " ".join(out.split())
