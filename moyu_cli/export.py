@@ -63,14 +63,16 @@ def _plan_summary(plan: dict[str, ModulePlan], calibrated: dict[str, float]) -> 
             "target_sparsity": entry.target_sparsity,
             "calibrated_sparsity": calibrated.get(name),
             "threshold_mean": float(entry.threshold.mean()) if entry.threshold.numel() else None,
-            "channels": entry.threshold.numel(),
         }
+        # A sequence-level MLP has no per-channel thresholds: one per prompt length (TDA) or none (top-k).
+        | ({"channels": entry.threshold.numel()} if entry.kind != "sequence_mlp" else {})
         | ({} if entry.prompt_lengths is None else {"prompt_lengths": entry.prompt_lengths.tolist(), "thresholds": entry.threshold.tolist()})
         for name, entry in plan.items()
     }
 
 
-def _calibration_sources(calibration, purpose: str) -> list:
+def calibration_sources(calibration, purpose: str) -> list:
+    """Read the calibration text files named in `calibration`; a missing one is an error naming `purpose`."""
     files = [d["name"] for d in calibration.metadata["data"]]
     missing = [name for name in files if not Path(name).is_file()]
     if missing:
@@ -89,7 +91,7 @@ def _plan_recipe(recipe: Recipe, model, tokenizer, layout, calibration, max_ppl_
         from .allocate import RecipeAllocator
 
         # The search swaps sparse modules in, so it runs on its own copy of the model.
-        allocator = RecipeAllocator(recipe, copy.deepcopy(model), tokenizer, calibration, _calibration_sources(calibration, "the allocation search"))
+        allocator = RecipeAllocator(recipe, copy.deepcopy(model), tokenizer, calibration, calibration_sources(calibration, "the allocation search"))
     reports: dict[float, dict] = {}
     plans: dict[float, dict[str, ModulePlan]] = {}
     skipped: dict[float, dict[str, float]] = {}  # per sparsity: module -> fraction skipped by measured_plan
@@ -108,7 +110,7 @@ def _plan_recipe(recipe: Recipe, model, tokenizer, layout, calibration, max_ppl_
         from .budget import search_sparsity
 
         upper = allocator.search.max_sparsity * allocator.targeted_fraction() if allocator else 0.95
-        result = search_sparsity(model, tokenizer, _calibration_sources(calibration, "the perplexity budget search"), plan_for,
+        result = search_sparsity(model, tokenizer, calibration_sources(calibration, "the perplexity budget search"), plan_for,
                                  max_ppl_increase, upper=upper, windows=budget_windows, window=calibration.metadata["window"])
         budget = result.to_dict()
         recipe = recipe.with_sparsity(result.sparsity)
@@ -145,7 +147,7 @@ def _calibration_windows(calibration, tokenizer, purpose: str, tokens: int, seed
 
     bos = tokenizer.bos_token_id if uses_bos(tokenizer) else None
     window = calibration.metadata["window"]
-    batch = windows(tokenize(tokenizer, _calibration_sources(calibration, purpose)), window, bos_id=bos)
+    batch = windows(tokenize(tokenizer, calibration_sources(calibration, purpose)), window, bos_id=bos)
     count = window_count(tokens, window)
     if count > batch.shape[0]:
         logger.warning("%s requested %d calibration tokens, but the calibration text has %d windows of %d, so it uses all %d tokens",
@@ -283,7 +285,7 @@ def _recover(
     from .recover import recover
 
     settings = recipe.recovery
-    sources = _calibration_sources(calibration, "recovery fine-tuning")
+    sources = calibration_sources(calibration, "recovery fine-tuning")
     bos = tokenizer.bos_token_id if uses_bos(tokenizer) else None
     batch = windows(tokenize(tokenizer, sources), calibration.metadata["window"], bos_id=bos)
     steps = max(1, settings.tokens // calibration.metadata["window"])
@@ -299,7 +301,7 @@ def _recover(
         schedule = _HoldSparsity(student, plan)
     report = recover(student, model, batch[order[:steps]], settings.lr, settings.dtype, settings.seed,
                      skip_first=0 if bos is None else 1, hidden_weight=settings.hidden_weight, schedule=schedule,
-                     progress=progress)
+                     progress=progress, loss_positions=settings.loss_positions)
     held_skipped = None
     if isinstance(schedule, _HoldSparsity):
         plan, held_skipped = schedule.finish()

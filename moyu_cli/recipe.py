@@ -147,6 +147,9 @@ class RecoverySettings(_Strict):
     # every step, each threshold is scaled by exp(0.5 * (target - fraction the last step skipped)).
     # The trained thresholds are exported, and a `sequential:` block is not measured again after training.
     hold_sparsity: bool = False
+    # Compute the logits and the KL at this many random positions of each window (null: all).
+    # For large vocabularies, where the LM head dominates a step; see recover.py.
+    loss_positions: int | None = Field(default=None, ge=1)
 
     @model_validator(mode="after")
     def _one_threshold_schedule(self) -> "RecoverySettings":

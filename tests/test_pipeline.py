@@ -200,11 +200,13 @@ def test_export_has_usual_permissions(tiny_llama, calibrations, tmp_path):
     assert modes == dict.fromkeys(modes, 0o644)
 
 
-def test_recovery_lowers_kl_and_exports_weights(tiny_llama, calibrations, tmp_path):
+@pytest.mark.parametrize("loss_positions", [None, 32])
+def test_recovery_lowers_kl_and_exports_weights(loss_positions, tiny_llama, calibrations, tmp_path):
     from safetensors.torch import load_file
 
     recipe = load_recipe("teal-uniform").with_sparsity(0.7)
-    recipe = recipe.model_copy(update={"recovery": RecoverySettings(tokens=128 * 24, lr=3e-3, dtype="float32")})
+    settings = RecoverySettings(tokens=128 * 24, lr=3e-3, dtype="float32", loss_positions=loss_positions)
+    recipe = recipe.model_copy(update={"recovery": settings})
     out = tmp_path / "out"
     calls = []
     config = convert(tiny_llama, calibrations["llama"][1], recipe, out, eval_windows=0, progress=lambda *call: calls.append(call))
@@ -214,6 +216,7 @@ def test_recovery_lowers_kl_and_exports_weights(tiny_llama, calibrations, tmp_pa
     assert report["tokens"] == 24 * 128
     assert report["kl_last"] < 0.7 * report["kl_first"]
     assert report["dtype"] == "float32"
+    assert report["loss_positions"] == loss_positions
     before = load_file(tiny_llama / "model.safetensors")
     after = load_file(out / "model.safetensors")
     assert before.keys() == after.keys()
@@ -240,6 +243,66 @@ def test_kl_matches_torch():
     student, teacher = torch.randn(300, 50), torch.randn(300, 50)
     expected = F.kl_div(F.log_softmax(student, -1), F.log_softmax(teacher, -1), log_target=True, reduction="batchmean")
     torch.testing.assert_close(_kl(student, teacher, chunk=128), expected, rtol=1e-5, atol=1e-6)
+
+
+def _sparse_copies(path, calibration_path, copies, sparsity=0.5):
+    """Return the dense model and `copies` copies of it sparsified by teal-uniform with the torch backend."""
+    import copy
+
+    from moyu_cli.architecture import discover
+    from moyu_cli.checkpoint import load_model
+    from moyu_cli.modeling import apply_plan
+    from moyu_cli.sparsify import plan_from_recipe
+
+    model, _ = load_model(path)
+    plan = plan_from_recipe(load_recipe("teal-uniform").with_sparsity(sparsity), discover(model), load_calibration(calibration_path))
+    students = [copy.deepcopy(model) for _ in range(copies)]
+    for student in students:
+        apply_plan(student, plan, backend="torch")
+    return model, *students
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_recovery_loss_positions_are_the_full_kl_at_drawn_positions(arch, tiny_checkpoints, calibrations):
+    """With loss_positions, the first step's KL is the full-logit KL at the positions the seed draws after BOS."""
+    from moyu_cli.recover import _kl, recover
+
+    teacher, student, full_student, before = _sparse_copies(tiny_checkpoints[arch], calibrations[arch][1], 3)
+    batch = torch.randint(3, teacher.config.vocab_size, (1, 64), generator=torch.Generator().manual_seed(0))
+    report = recover(student, teacher, batch, 1e-3, "float32", seed=3, skip_first=1, loss_positions=7)
+    drawn = 1 + torch.randperm(63, generator=torch.Generator().manual_seed(3))[:7].sort().values
+    with torch.no_grad():
+        expected = _kl(before(input_ids=batch).logits[0, drawn], teacher(input_ids=batch).logits[0, drawn])
+    assert report.loss_positions == 7
+    assert report.kl_first == pytest.approx(expected.item(), rel=1e-4)
+    # As many positions as the window scores, or more, is the full loss.
+    full = recover(full_student, teacher, batch, 1e-3, "float32", skip_first=1, loss_positions=63)
+    with torch.no_grad():
+        expected = _kl(before(input_ids=batch).logits[0, 1:], teacher(input_ids=batch).logits[0, 1:])
+    assert full.loss_positions is None
+    assert full.kl_first == pytest.approx(expected.item(), rel=1e-4)
+
+
+def test_recovery_loss_positions_needs_logits_to_keep(tiny_llama, calibrations):
+    from torch import nn
+
+    from moyu_cli.errors import MoyuError
+    from moyu_cli.recover import recover
+
+    class FullLogits(nn.Module):
+        """A causal LM that takes logits_to_keep and ignores it."""
+
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+            self.model, self.config = inner.model, inner.config
+
+        def forward(self, input_ids, logits_to_keep=0, **kwargs):
+            return self.inner(input_ids=input_ids, **kwargs)
+
+    teacher, student = _sparse_copies(tiny_llama, calibrations["llama"][1], 1)
+    with pytest.raises(MoyuError, match=r"32 positions, not the 4 .*ignores logits_to_keep\); remove loss_positions"):
+        recover(FullLogits(student), teacher, torch.randint(3, 100, (1, 32)), 1e-3, "float32", loss_positions=4)
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in shipped_recipes_dir().glob("*.yaml")))
