@@ -233,9 +233,10 @@ def convert(
         )
     if config.get("recovery"):
         recovery = config["recovery"]
+        loss_at = "" if recovery.get("loss_positions") is None else f" (KL at {recovery['loss_positions']} random positions per window)"
         console.print(
             f"recovery: {recovery['steps']} steps on {recovery['tokens']} calibration tokens, {recovery['seconds'] / 60:.1f} min; "
-            f"KL to the dense model {recovery['kl_first']:.3f} -> {recovery['kl_last']:.3f}"
+            f"KL to the dense model {recovery['kl_first']:.3f} -> {recovery['kl_last']:.3f}{loss_at}"
         )
         # The modules `hold_sparsity` adjusts: thresholded ones with a target above zero.
         last_skipped = [

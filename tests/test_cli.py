@@ -183,6 +183,14 @@ def test_convert_with_recovery(capsys, tiny_llama, calib, tmp_path):
     assert code == 0, err
     assert "recovery: 2 steps on 256 calibration tokens" in out
     assert "KL to the dense model" in out
+    assert "random positions" not in out
+
+
+def test_convert_with_recovery_loss_positions(capsys, tiny_llama, calib, tmp_path):
+    code, out, err = convert_with(capsys, tiny_llama, calib, tmp_path, RECOVERY.replace("}", ", loss_positions: 16}"))
+    assert code == 0, err
+    assert "(KL at 16 random positions per window)" in out
+    assert json.loads((tmp_path / "out" / "moyu.json").read_text())["recovery"]["loss_positions"] == 16
 
 
 def test_convert_sequential_after_recovery(capsys, tiny_llama, calib, tmp_path, monkeypatch):
