@@ -148,7 +148,7 @@ class RecoverySettings(_Strict):
     # The trained thresholds are exported, and a `sequential:` block is not measured again after training.
     hold_sparsity: bool = False
     # Compute the logits and the KL at this many random positions of each window (null: all).
-    # For large vocabularies, where the LM head dominates a step; see recover.py.
+    # It is meant for large vocabularies, where the LM head dominates a step (recover.py).
     loss_positions: int | None = Field(default=None, ge=1)
 
     @model_validator(mode="after")

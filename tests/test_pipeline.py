@@ -263,7 +263,7 @@ def _sparse_copies(path, calibration_path, copies, sparsity=0.5):
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_recovery_loss_positions_are_the_full_kl_at_drawn_positions(arch, tiny_checkpoints, calibrations):
+def test_recovery_loss_positions_subset_kl(arch, tiny_checkpoints, calibrations):
     """With loss_positions, the first step's KL is the full-logit KL at the positions the seed draws after BOS."""
     from moyu_cli.recover import _kl, recover
 
@@ -275,7 +275,7 @@ def test_recovery_loss_positions_are_the_full_kl_at_drawn_positions(arch, tiny_c
         expected = _kl(before(input_ids=batch).logits[0, drawn], teacher(input_ids=batch).logits[0, drawn])
     assert report.loss_positions == 7
     assert report.kl_first == pytest.approx(expected.item(), rel=1e-4)
-    # As many positions as the window scores, or more, is the full loss.
+    # A count at or above the number of scored positions gives the full loss.
     full = recover(full_student, teacher, batch, 1e-3, "float32", skip_first=1, loss_positions=63)
     with torch.no_grad():
         expected = _kl(before(input_ids=batch).logits[0, 1:], teacher(input_ids=batch).logits[0, 1:])
