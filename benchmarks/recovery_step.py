@@ -1,21 +1,23 @@
-"""Time of one recovery fine-tuning step with the KL at every position and at a random subset of them.
+"""Time of one recovery fine-tuning step with the full KL, the KL at a random subset of positions, and over the top-k tokens.
 
 A recovery step (recover.py) runs the dense teacher, the sparse student forward and backward,
-and AdamW. With a large vocabulary, the LM head and the log-softmax over its logits take most of
-the step, so `recovery.loss_positions` computes them at a random subset of each window's positions.
+and AdamW. With a large vocabulary, the LM head and the log-softmax over its logits take much of
+the step, so `recovery.loss_positions` computes them at a random subset of each window's
+positions, and `recovery.loss_top_k` over the union of the dense model's top-k tokens.
 This script plans `teal-uniform` at `--sparsity` (recovery steps cost the same for every recipe
 with the torch backend) and times `--steps` steps on calibration windows for each setting, in one
 run, with the step time relative to all positions.
 
 Run (docs/recipes.md, "Recovery fine-tuning"):
     python -P benchmarks/recovery_step.py models/gemma-3-270m --calibration runs/gemma-3-270m.calib \\
-        --positions 128 64 --steps 4 --threads 2
+        --positions 128 64 --top-k 64 --steps 4 --threads 2
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import time
 from pathlib import Path
 
 import torch
@@ -36,8 +38,9 @@ def main() -> None:
     parser.add_argument("model_dir", type=Path)
     parser.add_argument("--calibration", type=Path, required=True, help="calibration file of the model (moyu calibrate)")
     parser.add_argument("--sparsity", type=float, default=0.7)
-    parser.add_argument("--positions", type=int, nargs="+", default=[128, 64], help="loss positions per window to time besides all of them")
-    parser.add_argument("--steps", type=int, default=4, help="steps timed per setting (one window each)")
+    parser.add_argument("--positions", type=int, nargs="*", default=[128, 64], help="loss positions per window to time besides all of them")
+    parser.add_argument("--top-k", type=int, nargs="*", default=[64], help="loss_top_k values to time")
+    parser.add_argument("--steps", type=int, default=4, help="steps per setting (one window each), the first not timed")
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -52,24 +55,33 @@ def main() -> None:
     skip_first = 0 if bos is None else 1
 
     rows = []
-    for positions in [None, *args.positions]:
+    settings = [dict(), *(dict(loss_positions=p) for p in args.positions), *(dict(loss_top_k=k) for k in args.top_k)]
+    for setting in settings:
         student = copy.deepcopy(model)
         apply_plan(student, plan, backend="torch")
         # A tiny learning rate: the step's cost does not depend on it, and the weights barely move.
-        report = recover(student, model, batch, 1e-9, args.dtype, skip_first=skip_first, loss_positions=positions)
-        rows.append((positions, report.seconds / report.steps, report.dtype))
+        ends = []
+        report = recover(student, model, batch, 1e-9, args.dtype, skip_first=skip_first,
+                         progress=lambda done, total: ends.append(time.perf_counter()), **setting)
+        # The first step also warms up the allocator and (loss_top_k) checks the LM head: time the others.
+        rows.append((setting, report, (ends[-1] - ends[0]) / (len(ends) - 1)))
         del student
 
     scored = batch.shape[1] - skip_first
     print(f"\n{args.model_dir.name}: vocabulary {model.config.vocab_size:,}, windows of {batch.shape[1]} tokens, "
           f"{args.steps} steps per setting, {args.threads} threads, teal-uniform at {args.sparsity:.0%}\n")
-    print("| loss positions | seconds per step | relative to all positions | dtype |")
-    print("| --- | --- | --- | --- |")
-    full = rows[0][1]
-    for positions, seconds, dtype in rows:
-        label = f"all {scored}" if positions is None else str(positions)
-        print(f"| {label} | {seconds:.2f} | {seconds / full:.2f}x | {dtype} |")
-
+    print("| loss | seconds per step | relative to the full KL | KL, first step | dtype |")
+    print("| --- | --- | --- | --- | --- |")
+    full = rows[0][2]
+    for setting, report, seconds in rows:
+        if "loss_positions" in setting:
+            label = f"{setting['loss_positions']} random positions"
+        elif "loss_top_k" in setting:
+            label = (f"top-{setting['loss_top_k']} tokens ({report.loss_tokens:.0f} per window, "
+                     f"{report.loss_mass:.1%} of the dense probability)")
+        else:
+            label = f"full: all {scored} positions, whole vocabulary"
+        print(f"| {label} | {seconds:.2f} | {seconds / full:.2f}x | {report.kl_first:.4f} | {report.dtype} |")
 
 if __name__ == "__main__":
     main()

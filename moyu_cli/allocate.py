@@ -39,7 +39,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .architecture import discover, find_decoder_layers, forward_with_hooks
+from .architecture import discover, find_decoder_layers, forward_with_hooks, head_logits
 
 logger = logging.getLogger(__name__)
 
@@ -221,10 +221,8 @@ class ModelHead:
     """The model's final norm and LM head, to turn last-layer hidden states into next-token log-probabilities."""
 
     def __init__(self, model: nn.Module, norm: nn.Module, chunk: int = 256):
+        self.model = model
         self.norm = norm
-        self.lm_head = model.get_output_embeddings()
-        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        self.softcap = getattr(config, "final_logit_softcapping", None)
         self.chunk = chunk
 
     def log_probs(self, hidden: torch.Tensor) -> list[torch.Tensor]:
@@ -233,9 +231,7 @@ class ModelHead:
         chunks = []
         with torch.inference_mode():
             for start in range(0, flat.shape[0], self.chunk):
-                logits = self.lm_head(self.norm(flat[start : start + self.chunk])).float()
-                if self.softcap is not None:
-                    logits = torch.tanh(logits / self.softcap) * self.softcap
+                logits = head_logits(self.model, self.norm(flat[start : start + self.chunk])).float()
                 chunks.append(torch.log_softmax(logits, dim=-1))
         return chunks
 

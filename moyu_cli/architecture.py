@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .errors import UnsupportedArchitectureError
@@ -34,9 +35,19 @@ def _describe(model: nn.Module) -> str:
     return f"{type(model).__name__} (model_type={model_type!r})"
 
 
-def _text_config(model: nn.Module):
+def text_config(model: nn.Module):
     config = model.config
     return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def head_logits(model: nn.Module, hidden: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Apply `model`'s LM head and its final logit soft-capping, if any, to final hidden states, for vocabulary `rows` (None: all)."""
+    head = model.get_output_embeddings()
+    weight = head.weight if rows is None else head.weight[rows]
+    bias = head.bias if head.bias is None or rows is None else head.bias[rows]
+    logits = F.linear(hidden, weight, bias)
+    cap = getattr(text_config(model), "final_logit_softcapping", None)
+    return logits if cap is None else torch.tanh(logits / cap) * cap
 
 
 def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -45,7 +56,7 @@ def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     Raises:
         UnsupportedArchitectureError: no module list matches the configured layer count.
     """
-    count = getattr(_text_config(model), "num_hidden_layers", None)
+    count = getattr(text_config(model), "num_hidden_layers", None)
     candidates = [
         (name, module)
         for name, module in model.named_modules()

@@ -234,6 +234,11 @@ def convert(
     if config.get("recovery"):
         recovery = config["recovery"]
         loss_at = "" if recovery.get("loss_positions") is None else f" (KL at {recovery['loss_positions']} random positions per window)"
+        if recovery.get("loss_top_k") is not None:
+            loss_at += (
+                f" (KL over the dense model's top-{recovery['loss_top_k']} tokens: {recovery['loss_tokens']:.0f} tokens per window "
+                f"on average, {recovery['loss_mass']:.1%} of its probability)"
+            )
         console.print(
             f"recovery: {recovery['steps']} steps on {recovery['tokens']} calibration tokens, {recovery['seconds'] / 60:.1f} min; "
             f"KL to the dense model {recovery['kl_first']:.3f} -> {recovery['kl_last']:.3f}{loss_at}"

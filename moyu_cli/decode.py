@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .architecture import _describe, find_decoder_layers
+from .architecture import _describe, find_decoder_layers, text_config
 from .errors import UnsupportedArchitectureError
 
 
@@ -126,7 +126,7 @@ class LeanDecoder:
     def __init__(self, model: nn.Module, max_length: int, fuse: bool = False):
         self.model = model
         self.max_length = max_length
-        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        config = text_config(model)
         if getattr(config, "attn_logit_softcapping", None) is not None:
             raise UnsupportedArchitectureError(f"the lean decoder does not implement attention logit softcapping ({_describe(model)})")
         self.final_softcap = getattr(config, "final_logit_softcapping", None)

@@ -301,7 +301,8 @@ def _recover(
         schedule = _HoldSparsity(student, plan)
     report = recover(student, model, batch[order[:steps]], settings.lr, settings.dtype, settings.seed,
                      skip_first=0 if bos is None else 1, hidden_weight=settings.hidden_weight, schedule=schedule,
-                     progress=progress, loss_positions=settings.loss_positions)
+                     progress=progress, loss_positions=settings.loss_positions,
+                     loss_top_k=settings.loss_top_k)
     held_skipped = None
     if isinstance(schedule, _HoldSparsity):
         plan, held_skipped = schedule.finish()

@@ -150,6 +150,10 @@ class RecoverySettings(_Strict):
     # Compute the logits and the KL at this many random positions of each window (null: all).
     # It is meant for large vocabularies, where the LM head dominates a step (recover.py).
     loss_positions: int | None = Field(default=None, ge=1)
+    # Compute the KL over the union of the dense model's top-k tokens at each window's positions,
+    # both distributions renormalized over it (null: the whole vocabulary). Also for large
+    # vocabularies; unlike loss_positions it keeps every position (recover.py).
+    loss_top_k: int | None = Field(default=None, ge=1)
 
     @model_validator(mode="after")
     def _one_threshold_schedule(self) -> "RecoverySettings":

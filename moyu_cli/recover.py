@@ -20,6 +20,14 @@ estimate of the same mean. On Gemma 3 270M (vocabulary 262,144; float32, 2 threa
 took 13.22 s at all 512 positions and 5.50 s at 128 (benchmarks/recovery_step.py). The decoder
 layers still run on every position, and positions before a sampled one get gradients through
 attention.
+
+`loss_top_k` keeps every position and narrows the vocabulary instead. The dense model's logits
+are computed in full, without gradients. The KL then runs over the union of its `loss_top_k`
+most likely tokens at the window's positions, both distributions renormalized over it, so the
+sparse model's LM head and its backward see a few thousand rows instead of the whole
+vocabulary. On Gemma 3 270M with k = 64 the union held 5,041 tokens per window and 95.0% of the
+dense probability, and a step took 7.22 s against 14.84 s with the whole vocabulary (2 threads).
+The sparse model is not penalized for probability it puts outside the union.
 """
 
 from __future__ import annotations
@@ -34,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .architecture import find_decoder_layers
+from .architecture import find_decoder_layers, head_logits
 from .errors import MoyuError
 
 logger = logging.getLogger(__name__)
@@ -49,6 +57,9 @@ class RecoveryReport:
     kl_first: float  # mean KL over the first tenth of the steps (at least one)
     kl_last: float  # mean KL over the last tenth
     loss_positions: int | None = None  # positions per window the KL was computed at (None: all)
+    loss_top_k: int | None = None  # the KL ran over the union of the dense model's top-k tokens (None: all)
+    loss_tokens: float | None = None  # with loss_top_k: mean size of that union per window
+    loss_mass: float | None = None  # with loss_top_k: mean share of the dense model's probability on it
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -63,6 +74,43 @@ def _kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, chunk: int =
         t = F.log_softmax(teacher_logits[start : start + chunk].float(), dim=-1)
         total = total + (t.exp() * (t - s)).sum()
     return total / positions
+
+
+def _check_head(model: nn.Module, ids: torch.Tensor, hidden: torch.Tensor) -> None:
+    """Raise MoyuError unless `model`'s last logits are `head_logits` of its decoder's last hidden state (`hidden`)."""
+    with torch.no_grad():
+        reference = model(input_ids=ids, use_cache=False, logits_to_keep=1).logits[0, -1].float()
+        manual = head_logits(model, hidden[0, -1:])[0].float()
+    difference = (manual - reference).abs().max().item()
+    if difference > 1e-3 * max(1.0, reference.abs().max().item()):
+        raise MoyuError(
+            f"{type(model).__name__}'s logits differ from its LM head applied to its last hidden state (by up to "
+            f"{difference:.3g}): it transforms them in a way recovery.loss_top_k does not know; remove loss_top_k"
+        )
+
+
+def _top_k_kl(
+    student: nn.Module, teacher: nn.Module, student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, k: int, chunk: int = 128
+) -> tuple[torch.Tensor, int, float]:
+    """Return the mean KL(teacher || student) over the union of the teacher's top-`k` tokens, its size, and the teacher's mean mass on it.
+
+    `student_hidden` and `teacher_hidden` are the final hidden states `[positions, hidden]` at
+    the positions of the loss. Both distributions are renormalized over the union.
+    """
+    positions = teacher_hidden.shape[0]
+    with torch.no_grad():
+        top, normalizers = [], []
+        for start in range(0, positions, chunk):
+            logits = head_logits(teacher, teacher_hidden[start : start + chunk]).float()
+            normalizers.append(torch.logsumexp(logits, dim=-1))
+            top.append(logits.topk(min(k, logits.shape[-1]), dim=-1).indices)
+        tokens = torch.cat(top).unique()
+        teacher_logp = head_logits(teacher, teacher_hidden, tokens).float() - torch.cat(normalizers)[:, None]
+        log_mass = torch.logsumexp(teacher_logp, dim=-1, keepdim=True)
+        target = teacher_logp - log_mass
+    student_logp = F.log_softmax(head_logits(student, student_hidden, tokens).float(), dim=-1)
+    kl = (target.exp() * (target - student_logp)).sum(-1).mean()
+    return kl, tokens.numel(), log_mass.exp().mean().item()
 
 
 def _hidden_loss(student_states: tuple, teacher_states: tuple, skip_first: int) -> torch.Tensor:
@@ -117,6 +165,7 @@ def recover(
     schedule: Callable[[int], None] | None = None,
     progress: Callable[[int, int], None] | None = None,
     loss_positions: int | None = None,
+    loss_top_k: int | None = None,
 ) -> RecoveryReport:
     """Fine-tune `student` (sparse modules in place, torch backend) toward `teacher` on the windows of `batch`.
 
@@ -133,9 +182,12 @@ def recover(
         loss_positions: compute the logits and the KL at this many positions per window, drawn
             at random for each step from the positions after `skip_first` (None, or at least
             that many positions: all of them).
+        loss_top_k: compute the KL over the union of the dense model's `loss_top_k` most likely
+            tokens at the positions of the loss (None: the whole vocabulary).
 
     Raises:
-        MoyuError: the loss becomes NaN or infinite, or the model ignores `logits_to_keep`.
+        MoyuError: the loss becomes NaN or infinite, the model ignores `logits_to_keep`, or (with
+            `loss_top_k`) its logits are not its LM head applied to its decoder's output.
     """
     if dtype not in ("auto", "bfloat16", "float32"):
         raise MoyuError(f"invalid recovery dtype {dtype!r}; use auto, bfloat16 or float32")
@@ -150,6 +202,7 @@ def recover(
         loss_positions = None
     positions = torch.Generator().manual_seed(seed)
     losses: list[float] = []
+    coverage: list[tuple[int, float]] = []  # with loss_top_k: (tokens the KL covered, teacher mass on them) per step
     started = time.perf_counter()
     student.train()
     teacher.eval()
@@ -160,25 +213,37 @@ def recover(
                 schedule(step)
             ids = batch[step : step + 1]
             hidden = hidden_weight > 0
-            # The LM head runs only at the positions of the loss (transformers' logits_to_keep).
-            keep = {}
+            loss_at = slice(skip_first, None)
             if loss_positions is not None:
                 loss_at = skip_first + torch.randperm(scored, generator=positions)[:loss_positions].sort().values
-                keep = {"logits_to_keep": loss_at.to(ids.device)}
-            with torch.no_grad(), torch.autocast(**autocast):
-                target = teacher(input_ids=ids, use_cache=False, output_hidden_states=hidden, **keep)
-            with torch.autocast(**autocast):
-                output = student(input_ids=ids, use_cache=False, output_hidden_states=hidden, **keep)
-            if loss_positions is None:
-                student_logits, teacher_logits = output.logits[0, skip_first:], target.logits[0, skip_first:]
+            if loss_top_k is not None:
+                # The decoders' final hidden states; the LM heads run in _top_k_kl.
+                with torch.no_grad(), torch.autocast(**autocast):
+                    target = teacher.get_decoder()(input_ids=ids, use_cache=False, output_hidden_states=hidden)
+                    if step == 0:
+                        _check_head(teacher, ids, target.last_hidden_state)
+                with torch.autocast(**autocast):
+                    output = student.get_decoder()(input_ids=ids, use_cache=False, output_hidden_states=hidden)
+                    kl, covered, mass = _top_k_kl(
+                        student, teacher, output.last_hidden_state[0, loss_at], target.last_hidden_state[0, loss_at], loss_top_k
+                    )
+                coverage.append((covered, mass))
             else:
+                # The LM head runs only at the positions of the loss (transformers' logits_to_keep).
+                keep = {} if loss_positions is None else {"logits_to_keep": loss_at.to(ids.device)}
+                with torch.no_grad(), torch.autocast(**autocast):
+                    target = teacher(input_ids=ids, use_cache=False, output_hidden_states=hidden, **keep)
+                with torch.autocast(**autocast):
+                    output = student(input_ids=ids, use_cache=False, output_hidden_states=hidden, **keep)
                 student_logits, teacher_logits = output.logits[0], target.logits[0]
-                if student_logits.shape[0] != loss_positions:
+                if loss_positions is None:
+                    student_logits, teacher_logits = student_logits[skip_first:], teacher_logits[skip_first:]
+                elif student_logits.shape[0] != loss_positions:
                     raise MoyuError(
                         f"{type(student).__name__} returned logits at {student_logits.shape[0]} positions, not the "
                         f"{loss_positions} of recovery.loss_positions (it ignores logits_to_keep); remove loss_positions"
                     )
-            kl = _kl(student_logits, teacher_logits)
+                kl = _kl(student_logits, teacher_logits)
             loss = kl
             if hidden:
                 loss = loss + hidden_weight * _hidden_loss(output.hidden_states, target.hidden_states, skip_first)
@@ -208,4 +273,7 @@ def recover(
         kl_first=sum(losses[:tenth]) / tenth,
         kl_last=sum(losses[-tenth:]) / tenth,
         loss_positions=loss_positions,
+        loss_top_k=loss_top_k,
+        loss_tokens=sum(c for c, _ in coverage) / len(coverage) if coverage else None,
+        loss_mass=sum(m for _, m in coverage) / len(coverage) if coverage else None,
     )

@@ -193,6 +193,16 @@ def test_convert_with_recovery_loss_positions(capsys, tiny_llama, calib, tmp_pat
     assert json.loads((tmp_path / "out" / "moyu.json").read_text())["recovery"]["loss_positions"] == 16
 
 
+def test_convert_with_recovery_loss_top_k(capsys, tiny_llama, calib, tmp_path):
+    code, out, err = convert_with(capsys, tiny_llama, calib, tmp_path, RECOVERY.replace("}", ", loss_top_k: 4}"))
+    assert code == 0, err
+    recovery = json.loads((tmp_path / "out" / "moyu.json").read_text())["recovery"]
+    assert recovery["loss_top_k"] == 4
+    assert 4 <= recovery["loss_tokens"] < 384
+    assert 0 < recovery["loss_mass"] < 1
+    assert f"(KL over the dense model's top-4 tokens: {recovery['loss_tokens']:.0f} tokens per window" in out
+
+
 def test_convert_sequential_after_recovery(capsys, tiny_llama, calib, tmp_path, monkeypatch):
     import moyu_cli.export
 

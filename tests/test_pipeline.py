@@ -200,12 +200,12 @@ def test_export_has_usual_permissions(tiny_llama, calibrations, tmp_path):
     assert modes == dict.fromkeys(modes, 0o644)
 
 
-@pytest.mark.parametrize("loss_positions", [None, 32])
-def test_recovery_lowers_kl_and_exports_weights(loss_positions, tiny_llama, calibrations, tmp_path):
+@pytest.mark.parametrize("loss", [{}, {"loss_positions": 32}, {"loss_top_k": 8}], ids=["full", "positions", "top-k"])
+def test_recovery_lowers_kl_and_exports_weights(loss, tiny_llama, calibrations, tmp_path):
     from safetensors.torch import load_file
 
     recipe = load_recipe("teal-uniform").with_sparsity(0.7)
-    settings = RecoverySettings(tokens=128 * 24, lr=3e-3, dtype="float32", loss_positions=loss_positions)
+    settings = RecoverySettings(tokens=128 * 24, lr=3e-3, dtype="float32", **loss)
     recipe = recipe.model_copy(update={"recovery": settings})
     out = tmp_path / "out"
     calls = []
@@ -216,7 +216,8 @@ def test_recovery_lowers_kl_and_exports_weights(loss_positions, tiny_llama, cali
     assert report["tokens"] == 24 * 128
     assert report["kl_last"] < 0.7 * report["kl_first"]
     assert report["dtype"] == "float32"
-    assert report["loss_positions"] == loss_positions
+    assert report["loss_positions"] == loss.get("loss_positions")
+    assert report["loss_top_k"] == loss.get("loss_top_k")
     before = load_file(tiny_llama / "model.safetensors")
     after = load_file(out / "model.safetensors")
     assert before.keys() == after.keys()
@@ -281,6 +282,47 @@ def test_recovery_loss_positions_subset_kl(arch, tiny_checkpoints, calibrations)
         expected = _kl(before(input_ids=batch).logits[0, 1:], teacher(input_ids=batch).logits[0, 1:])
     assert full.loss_positions is None
     assert full.kl_first == pytest.approx(expected.item(), rel=1e-4)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_recovery_loss_top_k_kl(arch, tiny_checkpoints, calibrations):
+    """With loss_top_k, the first step's KL is the KL over the union of the dense model's top-k tokens, renormalized."""
+    from moyu_cli.recover import _kl, recover
+
+    teacher, student, full_student, before = _sparse_copies(tiny_checkpoints[arch], calibrations[arch][1], 3)
+    batch = torch.randint(3, teacher.config.vocab_size, (1, 64), generator=torch.Generator().manual_seed(0))
+    report = recover(student, teacher, batch, 1e-3, "float32", skip_first=1, loss_top_k=3)
+    with torch.no_grad():
+        dense, sparse = teacher(input_ids=batch).logits[0, 1:], before(input_ids=batch).logits[0, 1:]
+    tokens = dense.topk(3, dim=-1).indices.unique()
+    assert report.loss_top_k == 3
+    assert report.loss_tokens == tokens.numel() < teacher.config.vocab_size
+    assert report.loss_mass == pytest.approx(F.softmax(dense, -1)[:, tokens].sum(-1).mean().item(), rel=1e-4)
+    # _kl renormalizes over the columns it is given.
+    assert report.kl_first == pytest.approx(_kl(sparse[:, tokens], dense[:, tokens]).item(), rel=1e-4)
+    # With k at least the vocabulary, the loss is the full KL.
+    full = recover(full_student, teacher, batch, 1e-3, "float32", skip_first=1, loss_top_k=teacher.config.vocab_size)
+    assert full.loss_tokens == teacher.config.vocab_size
+    assert full.loss_mass == pytest.approx(1.0)
+    assert full.kl_first == pytest.approx(_kl(sparse, dense).item(), rel=1e-4)
+
+
+def test_recovery_loss_top_k_needs_plain_lm_head(tiny_llama, calibrations):
+    from moyu_cli.errors import MoyuError
+    from moyu_cli.recover import recover
+
+    teacher, student = _sparse_copies(tiny_llama, calibrations["llama"][1], 1)
+    forward = teacher.forward
+
+    def scaled(*args, **kwargs):
+        """Logits scaled after the LM head, as some architectures do."""
+        output = forward(*args, **kwargs)
+        output.logits = output.logits * 0.5
+        return output
+
+    teacher.forward = scaled
+    with pytest.raises(MoyuError, match=r"LlamaForCausalLM's logits differ from its LM head .*; remove loss_top_k"):
+        recover(student, teacher, torch.randint(3, 100, (1, 32)), 1e-3, "float32", loss_top_k=4)
 
 
 def test_recovery_loss_positions_needs_logits_to_keep(tiny_llama, calibrations):

@@ -68,6 +68,8 @@ def test_sparsity_override():
         ({"modifiers": [{"type": "magic"}]}, "modifiers.0", "does not match any of the expected tags"),
         ({"modifiers": [{"type": "magnitude", "targetz": ["q_proj"]}]}, "modifiers.0.magnitude.targetz", "Extra inputs"),
         ({"modifiers": [{"type": "magnitude", "targets": "q_proj"}]}, "modifiers.0.magnitude.targets", "valid list"),
+        ({"recovery": {"loss_positions": 0}}, "recovery.loss_positions", "greater than or equal to 1"),
+        ({"recovery": {"loss_top_k": 0}}, "recovery.loss_top_k", "greater than or equal to 1"),
     ],
 )
 def test_bad_recipe_names_key_and_file(tmp_path, change, key, message):
