@@ -57,6 +57,9 @@ def main() -> None:
     parser.add_argument("--search-step", type=float, help="override the recipes' search.step")
     parser.add_argument("--recovery-tokens", type=int, help="override the recipes' recovery.tokens")
     parser.add_argument("--recovery-lr", type=float, help="override the recipes' recovery.lr")
+    parser.add_argument("--recovery-state", type=Path,
+                        help="directory where each recovery run keeps its state (recover.py): an interrupted run resumes "
+                             "from it, and a finished one is kept, so running the command again evaluates without training")
     parser.add_argument("--json", type=Path, help="also write all results to this JSON file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -107,7 +110,10 @@ def main() -> None:
             layout = discover(model)
             plan = plan_from_recipe(recipe, layout, calibration, sparsities)
             plan, _ = measured_plan(recipe, model, tokenizer, layout, calibration, plan)
-            plan, _, recovery, _ = adapt_weights(recipe, model, tokenizer, layout, calibration, plan)
+            state = None
+            if args.recovery_state is not None and recipe.recovery is not None:
+                state = args.recovery_state / f"{Path(recipe_name).stem}-{target}.safetensors"
+            plan, _, recovery, _ = adapt_weights(recipe, model, tokenizer, layout, calibration, plan, resume_path=state)
             if recovery is not None:
                 print(json.dumps({"recipe": recipe_name, "target": target, "recovery": recovery}), flush=True)
             apply_plan(model, plan, backend="torch")

@@ -21,7 +21,7 @@ from rich.table import Table
 
 from moyu_kernels import BackendUnavailable
 
-from .errors import MoyuError
+from .errors import MoyuError, RecoveryInterrupted
 
 app = typer.Typer(
     name="moyu",
@@ -171,6 +171,7 @@ def convert(
     allow_pickle: AllowPickleOpt = False,
     threads: ThreadsOpt = None,
     as_json: JsonOpt = False,
+    resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Keep the recovery fine-tuning state in OUTPUT.recovery-state.safetensors while training (saved every 10 min and on Ctrl-C) and continue from one left by an interrupted run.")] = True,
 ) -> None:
     """Apply a recipe to a checkpoint and export a self-describing MOYU directory.
 
@@ -193,10 +194,15 @@ def convert(
             raise MoyuError(f"--max-ppl-increase: {exc}") from None
     # Recovery fine-tuning runs for minutes to hours, so it gets a bar with the time left.
     bar, update = _progress("recovery fine-tuning", as_json or resolved.recovery is None)
-    with bar:
-        config = run(model_dir, calibration, resolved, output, eval_data=eval_data, eval_windows=eval_windows,
-                     overwrite=overwrite, allow_pickle=allow_pickle, max_ppl_increase=increase, budget_windows=budget_windows,
-                     progress=update)
+    try:
+        with bar:
+            config = run(model_dir, calibration, resolved, output, eval_data=eval_data, eval_windows=eval_windows,
+                         overwrite=overwrite, allow_pickle=allow_pickle, max_ppl_increase=increase, budget_windows=budget_windows,
+                         progress=update, resume=resume)
+    except RecoveryInterrupted as exc:
+        # Typer turns a plain Ctrl-C into exit code 130 without a word; this one names the file with the state.
+        err_console.print(f"interrupted: {exc}; {output} was not written", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(130) from None
     if as_json:
         print(json.dumps(config, indent=2))
         return
@@ -234,6 +240,8 @@ def convert(
     if config.get("recovery"):
         recovery = config["recovery"]
         loss_at = "" if recovery.get("loss_positions") is None else f" (KL at {recovery['loss_positions']} random positions per window)"
+        if recovery.get("resumed_after"):
+            loss_at += f" (resumed after step {recovery['resumed_after']})"
         if recovery.get("loss_top_k") is not None:
             loss_at += (
                 f" (KL over the dense model's top-{recovery['loss_top_k']} tokens: {recovery['loss_tokens']:.0f} tokens per window "

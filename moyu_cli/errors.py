@@ -29,3 +29,7 @@ class CalibrationError(MoyuError):
 
 class OutputExistsError(MoyuError):
     """The output path exists and --overwrite was not given."""
+
+
+class RecoveryInterrupted(KeyboardInterrupt):
+    """Recovery fine-tuning was interrupted after saving its state; the message names the file and how to resume."""

@@ -18,6 +18,7 @@ Export format (format version 1), one directory:
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import logging
@@ -260,6 +261,19 @@ class _HoldSparsity:
             if name in self.skipped:
                 module.threshold = module.threshold * math.exp(self.gain * (self.plan[name].target_sparsity - self.skipped[name]))
 
+    def state(self) -> dict:
+        """Return what the next call reads: the fractions the last step skipped, for a resumable recovery."""
+        skipped = dict(self.skipped)
+        for name, module in self.modules.items():
+            if module.total:
+                skipped[name] = float(1 - module.kept / module.total)
+        return {"skipped": skipped}
+
+    def restore(self, state: dict) -> None:
+        self.skipped = dict(state["skipped"])
+        for module in self.modules.values():
+            module.reset_counts()
+
     def finish(self) -> tuple[dict[str, ModulePlan], dict[str, float]]:
         """Stop counting; return the plan with the held thresholds and the fractions the last step skipped."""
         self._read()
@@ -272,17 +286,37 @@ class _HoldSparsity:
         return plan, dict(self.skipped)
 
 
+def _fingerprint(model, plan: dict[str, ModulePlan], batch: torch.Tensor, settings) -> str:
+    """Return a SHA-256 of what a recovery run depends on: the weights, the plan, its windows and its settings."""
+    digest = hashlib.sha256(settings.model_dump_json().encode())
+
+    def add(tensor: torch.Tensor) -> None:
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy())
+
+    add(batch)
+    for name, parameter in model.named_parameters():
+        digest.update(name.encode())
+        add(parameter)
+    for name in sorted(plan):
+        entry = plan[name]
+        digest.update(f"{name} {entry.kind} {entry.target_sparsity}".encode())
+        add(torch.as_tensor(entry.threshold))
+    return digest.hexdigest()
+
+
 def _recover(
-    recipe: Recipe, model, tokenizer, layout, calibration, plan: dict[str, ModulePlan], progress=None
+    recipe: Recipe, model, tokenizer, layout, calibration, plan: dict[str, ModulePlan], progress=None, resume_path: Path | None = None
 ) -> tuple[dict, dict[str, ModulePlan], dict[str, float] | None]:
     """Fine-tune `model`'s decoder weights in place so that, run sparse under `plan`, it matches its dense self.
 
     Returns the recovery report, the plan (with the held thresholds under `hold_sparsity`, else
     unchanged) and the fractions of the last step's entries each held threshold skipped (None
     without `hold_sparsity`). `progress` is called with (steps done, steps) after each step.
+    With `resume_path`, the training state is saved there and a run interrupted earlier resumes
+    from it (recover.py); the file stays for the caller to remove.
     """
     from .data import tokenize, uses_bos, windows
-    from .recover import recover
+    from .recover import ResumeFile, recover
 
     settings = recipe.recovery
     sources = calibration_sources(calibration, "recovery fine-tuning")
@@ -299,10 +333,12 @@ def _recover(
         schedule = _ramp_schedule(recipe, student, layout, calibration, plan, steps)
     elif settings.hold_sparsity:
         schedule = _HoldSparsity(student, plan)
-    report = recover(student, model, batch[order[:steps]], settings.lr, settings.dtype, settings.seed,
+    batch = batch[order[:steps]]
+    resume = None if resume_path is None else ResumeFile(Path(resume_path), _fingerprint(model, plan, batch, settings))
+    report = recover(student, model, batch, settings.lr, settings.dtype, settings.seed,
                      skip_first=0 if bos is None else 1, hidden_weight=settings.hidden_weight, schedule=schedule,
                      progress=progress, loss_positions=settings.loss_positions,
-                     loss_top_k=settings.loss_top_k)
+                     loss_top_k=settings.loss_top_k, resume=resume)
     held_skipped = None
     if isinstance(schedule, _HoldSparsity):
         plan, held_skipped = schedule.finish()
@@ -311,20 +347,23 @@ def _recover(
     return report.to_dict() | {"lr": settings.lr}, plan, held_skipped
 
 
-def adapt_weights(recipe: Recipe, model, tokenizer, layout, calibration, plan: dict[str, ModulePlan], progress=None):
+def adapt_weights(
+    recipe: Recipe, model, tokenizer, layout, calibration, plan: dict[str, ModulePlan], progress=None, resume_path: Path | None = None
+):
     """Apply the recipe's weight changes to `model` in place: neuron rewiring, then recovery fine-tuning.
 
     Returns the plan, the rewiring and recovery reports (None when not in the recipe) and the
     calibration entries skipped per recalibrated module (None when nothing was recalibrated).
     Rewiring permutes the plan. After recovery, the thresholds `measured_plan` measures on the
     model are measured again on the trained weights, sequential ones only without `hold_sparsity`.
-    `progress` is called with (steps done, steps) after each recovery step.
+    `progress` is called with (steps done, steps) after each recovery step; `resume_path` is
+    where recovery keeps its state (see `_recover`).
     """
     rewiring, recovery, skipped = None, None, None
     if recipe.rewire is not None:
         plan, rewiring = _rewire(recipe, model, tokenizer, layout, calibration, plan)
     if recipe.recovery is not None:
-        recovery, plan, held_skipped = _recover(recipe, model, tokenizer, layout, calibration, plan, progress)
+        recovery, plan, held_skipped = _recover(recipe, model, tokenizer, layout, calibration, plan, progress, resume_path)
         # Training moves the activations, so thresholds measured on the model are measured again,
         # except the ones held at their targets while training.
         plan, skipped = measured_plan(recipe, model, tokenizer, layout, calibration, plan, sequential=held_skipped is None)
@@ -344,13 +383,16 @@ def convert(
     max_ppl_increase: float | None = None,
     budget_windows: int = 8,
     progress: Callable[[int, int], None] | None = None,
+    resume: bool = True,
 ) -> dict:
     """Apply `recipe` to `model_dir` with the statistics in `calibration_path` and export to `output`.
 
     With `max_ppl_increase` (0.05 for 5%), the recipe's sparsity is replaced by the highest
     model-wide sparsity whose perplexity on `budget_windows` windows of the calibration text is
     at most that much above the dense model's (see budget.py). `progress` is called with
-    (steps done, steps) after each recovery fine-tuning step.
+    (steps done, steps) after each recovery fine-tuning step. With `resume`, recovery keeps its
+    state in `recovery_state_path(output)` while it trains, continues from a state left there
+    by an interrupted run of the same conversion, and the file is removed once the export is written.
 
     Returns:
         The contents written to `moyu.json`.
@@ -371,7 +413,8 @@ def convert(
     calibrated = {
         name: calibrated_sparsity(scores.get(name, "magnitude"), name, entry, layout, calibration) for name, entry in plan.items()
     }
-    plan, rewiring, recovery, retrained_skipped = adapt_weights(recipe, model, tokenizer, layout, calibration, plan, progress)
+    resume_path = recovery_state_path(out) if resume else None
+    plan, rewiring, recovery, retrained_skipped = adapt_weights(recipe, model, tokenizer, layout, calibration, plan, progress, resume_path)
     calibrated.update(retrained_skipped or skipped)
     new_weights = copy.deepcopy(model) if rewiring is not None or recovery is not None else None
     apply_plan(model, plan, backend="torch")
@@ -420,7 +463,15 @@ def convert(
             (staging / MOYU_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     except OSError as exc:
         raise MoyuError(f"failed to write {out}: {exc.strerror}; nothing was written. Free disk space or choose another --output") from exc
+    if resume_path is not None:
+        resume_path.unlink(missing_ok=True)
     return config
+
+
+def recovery_state_path(output: str | Path) -> Path:
+    """Return the file beside `output` where `convert` keeps the recovery state until the export is written."""
+    output = Path(output).resolve()
+    return output.with_name(f"{output.name}.recovery-state.safetensors")
 
 
 def read_moyu_config(path: str | Path) -> dict | None:

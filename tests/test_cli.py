@@ -203,6 +203,35 @@ def test_convert_with_recovery_loss_top_k(capsys, tiny_llama, calib, tmp_path):
     assert f"(KL over the dense model's top-4 tokens: {recovery['loss_tokens']:.0f} tokens per window" in out
 
 
+def test_convert_recovery_resumes_after_ctrl_c(capsys, tiny_llama, calib, tmp_path, monkeypatch):
+    import moyu_cli.recover
+
+    kl, calls = moyu_cli.recover._kl, []
+
+    def interrupted(*args, **kwargs):
+        """The KL of the third step raises Ctrl-C, as a user pressing it then would."""
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return kl(*args, **kwargs)
+
+    settings = "recovery: {tokens: 512, lr: 1.0e-3, dtype: float32}\n"
+    state = tmp_path / "out.recovery-state.safetensors"
+    monkeypatch.setattr(moyu_cli.recover, "_kl", interrupted)
+    code, out, err = convert_with(capsys, tiny_llama, calib, tmp_path, settings)
+    assert code == 130
+    assert f"stopped after step 2 of 4; its state is saved in {state}: run the same command again to resume" in err
+    assert state.is_file()
+    assert not (tmp_path / "out").exists()
+    monkeypatch.setattr(moyu_cli.recover, "_kl", kl)
+    code, out, err = convert_with(capsys, tiny_llama, calib, tmp_path, settings)
+    assert code == 0, err
+    assert "recovery: 4 steps on 512 calibration tokens" in out
+    assert "(resumed after step 2)" in out
+    assert json.loads((tmp_path / "out" / "moyu.json").read_text())["recovery"]["resumed_after"] == 2
+    assert not state.exists()
+
+
 def test_convert_sequential_after_recovery(capsys, tiny_llama, calib, tmp_path, monkeypatch):
     import moyu_cli.export
 

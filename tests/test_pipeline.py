@@ -228,6 +228,68 @@ def test_recovery_lowers_kl_and_exports_weights(loss, tiny_llama, calibrations, 
     assert load_file(tiny_llama / "model.safetensors").keys() == before.keys()
 
 
+def _interrupt_after(steps: int):
+    """Return a progress callback that raises Ctrl-C once `steps` recovery steps are done."""
+
+    def progress(done, total):
+        if done == steps:
+            raise KeyboardInterrupt
+
+    return progress
+
+
+@pytest.mark.parametrize("loss", [{}, {"hold_sparsity": True, "loss_positions": 40}], ids=["plain", "held-positions"])
+def test_recovery_resumes_as_if_never_interrupted(loss, tiny_llama, calibrations, tmp_path):
+    """Stopped with Ctrl-C after 5 of 12 steps and run again, recovery gives the weights and report of an uninterrupted run."""
+    from safetensors.torch import load_file
+
+    from moyu_cli.errors import RecoveryInterrupted
+    from moyu_cli.export import recovery_state_path
+
+    settings = RecoverySettings(tokens=128 * 12, lr=3e-3, dtype="float32", **loss)
+    recipe = load_recipe("teal-uniform").with_sparsity(0.7).model_copy(update={"recovery": settings})
+    whole = convert(tiny_llama, calibrations["llama"][1], recipe, tmp_path / "whole", eval_windows=0)
+    out = tmp_path / "out"
+    with pytest.raises(RecoveryInterrupted, match=r"after step 5 of 12"):
+        convert(tiny_llama, calibrations["llama"][1], recipe, out, eval_windows=0, progress=_interrupt_after(5))
+    assert recovery_state_path(out).is_file()
+    assert not out.exists()
+    resumed = convert(tiny_llama, calibrations["llama"][1], recipe, out, eval_windows=0)
+    assert resumed["recovery"]["resumed_after"] == 5
+    assert not recovery_state_path(out).exists()
+    for key in ("kl_first", "kl_last", "steps", "tokens"):
+        assert resumed["recovery"][key] == pytest.approx(whole["recovery"][key], rel=1e-6)
+    expected, actual = load_file(tmp_path / "whole" / "model.safetensors"), load_file(out / "model.safetensors")
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=1e-6, atol=1e-7)
+    thresholds = load_file(tmp_path / "whole" / "moyu_thresholds.safetensors")
+    for name, threshold in load_file(out / "moyu_thresholds.safetensors").items():
+        torch.testing.assert_close(threshold, thresholds[name], rtol=1e-6, atol=1e-7)
+
+
+def test_recovery_state_of_another_run_is_refused(tiny_llama, calibrations, tmp_path):
+    from moyu_cli.errors import MoyuError, RecoveryInterrupted
+    from moyu_cli.export import recovery_state_path
+
+    recipe = load_recipe("teal-uniform").with_sparsity(0.7)
+    settings = RecoverySettings(tokens=128 * 4, lr=3e-3, dtype="float32")
+    out = tmp_path / "out"
+    with pytest.raises(RecoveryInterrupted):
+        convert(tiny_llama, calibrations["llama"][1], recipe.model_copy(update={"recovery": settings}), out,
+                eval_windows=0, progress=_interrupt_after(2))
+    other = recipe.model_copy(update={"recovery": settings.model_copy(update={"lr": 1e-3})})
+    with pytest.raises(MoyuError, match=r"holds the recovery state of another run .*; delete it to start this one"):
+        convert(tiny_llama, calibrations["llama"][1], other, out, eval_windows=0)
+    recovery_state_path(out).write_bytes(b"not a safetensors file")
+    with pytest.raises(MoyuError, match=r"cannot read the recovery state .*; delete it to start from the beginning"):
+        convert(tiny_llama, calibrations["llama"][1], other, out, eval_windows=0)
+    assert not out.exists()
+    # --no-resume leaves the file alone and trains from the beginning.
+    config = convert(tiny_llama, calibrations["llama"][1], other, out, eval_windows=0, resume=False)
+    assert config["recovery"]["resumed_after"] is None
+    assert recovery_state_path(out).read_bytes() == b"not a safetensors file"
+
+
 def test_recovery_dtype_auto():
     from moyu_cli.recover import resolve_dtype
 
