@@ -73,9 +73,13 @@ def _progress(description: str, quiet: bool):
     task = progress.add_task(description, total=None)
 
     def update(done: int, total: int) -> None:
-        progress.update(task, completed=done, total=total)
-        if not progress.live.is_started:
-            progress.start()
+        if progress.live.is_started:
+            progress.update(task, completed=done, total=total)
+            return
+        # The rate counts from the first callback on, so a resumed run's earlier steps (and a
+        # first step slowed by warm-up) do not enter the time left.
+        progress.reset(task, completed=done, total=total)
+        progress.start()
 
     @contextlib.contextmanager
     def shown():
