@@ -397,7 +397,7 @@ def recover(
                 progress(step + 1, steps)
             if step % 10 == 0 or step == steps - 1:
                 logger.info("recovery step %d/%d: KL %.4f (%.0f s)", step + 1, steps, losses[-1], earlier + time.perf_counter() - started)
-        if resume is not None:
+        if resume is not None and completed > first:
             save(completed, snapshot)
     except KeyboardInterrupt:
         if resume is None:
