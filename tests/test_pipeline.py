@@ -267,6 +267,24 @@ def test_recovery_resumes_as_if_never_interrupted(loss, tiny_llama, calibrations
         torch.testing.assert_close(threshold, thresholds[name], rtol=1e-6, atol=1e-7)
 
 
+def test_finished_recovery_is_kept_when_the_export_fails(tiny_llama, calibrations, tmp_path):
+    """A conversion that fails after training keeps the state; the next run exports without training again."""
+    from moyu_cli.errors import DataError
+    from moyu_cli.export import recovery_state_path
+
+    settings = RecoverySettings(tokens=128 * 4, lr=3e-3, dtype="float32")
+    recipe = load_recipe("teal-uniform").with_sparsity(0.7).model_copy(update={"recovery": settings})
+    out = tmp_path / "out"
+    with pytest.raises(DataError):
+        convert(tiny_llama, calibrations["llama"][1], recipe, out, eval_data=[str(tmp_path / "missing.txt")])
+    assert recovery_state_path(out).is_file()
+    steps = []
+    config = convert(tiny_llama, calibrations["llama"][1], recipe, out, eval_windows=0, progress=lambda *call: steps.append(call))
+    assert steps == []
+    assert config["recovery"]["resumed_after"] == 4
+    assert not recovery_state_path(out).exists()
+
+
 def test_recovery_state_of_another_run_is_refused(tiny_llama, calibrations, tmp_path):
     from moyu_cli.errors import MoyuError, RecoveryInterrupted
     from moyu_cli.export import recovery_state_path
