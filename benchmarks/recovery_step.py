@@ -44,6 +44,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
+    if args.steps < 2:
+        parser.error(f"--steps {args.steps}: the first step of each setting is not timed, so give at least 2")
     torch.set_num_threads(args.threads)
 
     model, tokenizer = load_model(args.model_dir)

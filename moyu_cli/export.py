@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 import moyu_kernels
 from safetensors.torch import save_file
@@ -301,6 +301,8 @@ def _fingerprint(model, plan: dict[str, ModulePlan], batch: torch.Tensor, settin
         entry = plan[name]
         digest.update(f"{name} {entry.kind} {entry.target_sparsity}".encode())
         add(torch.as_tensor(entry.threshold))
+        if entry.prompt_lengths is not None:
+            add(entry.prompt_lengths)
     return digest.hexdigest()
 
 
@@ -413,7 +415,7 @@ def convert(
     calibrated = {
         name: calibrated_sparsity(scores.get(name, "magnitude"), name, entry, layout, calibration) for name, entry in plan.items()
     }
-    resume_path = recovery_state_path(out) if resume else None
+    resume_path = recovery_state_path(out) if resume and recipe.recovery is not None else None
     plan, rewiring, recovery, retrained_skipped = adapt_weights(recipe, model, tokenizer, layout, calibration, plan, progress, resume_path)
     calibrated.update(retrained_skipped or skipped)
     new_weights = copy.deepcopy(model) if rewiring is not None or recovery is not None else None
@@ -461,8 +463,9 @@ def convert(
             tensors |= {f"{name}.prompt_lengths": entry.prompt_lengths for name, entry in plan.items() if entry.prompt_lengths is not None}
             save_file(tensors, staging / THRESHOLDS_FILE)
             (staging / MOYU_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-    except OSError as exc:
-        raise MoyuError(f"failed to write {out}: {exc.strerror}; nothing was written. Free disk space or choose another --output") from exc
+    except (OSError, SafetensorError) as exc:  # safetensors reports a full disk as its own error
+        reason = getattr(exc, "strerror", None) or exc
+        raise MoyuError(f"failed to write {out}: {reason}; nothing was written. Free disk space or choose another --output") from exc
     if resume_path is not None:
         resume_path.unlink(missing_ok=True)
     return config

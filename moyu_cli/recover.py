@@ -17,7 +17,8 @@ where bfloat16 ran fast, and 15 s in float32 with 1 thread on an AVX2-only CPU (
 With a large vocabulary the LM head and the log-softmax over it dominate. `loss_positions`
 computes the logits and the KL at a random subset of each window's positions, an unbiased
 estimate of the same mean. On Gemma 3 270M (vocabulary 262,144; float32, 2 threads, AVX2) a step
-took 13.22 s at all 512 positions and 5.50 s at 128 (benchmarks/recovery_step.py). The decoder
+took 13.22 s at all 512 positions and 5.50 s at 128 (benchmarks/recovery_step.py, every step
+timed; the run below leaves the first step of each setting out). The decoder
 layers still run on every position, and positions before a sampled one get gradients through
 attention.
 
@@ -50,6 +51,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from torch import nn
 
 from .architecture import find_decoder_layers, head_logits
@@ -141,7 +143,7 @@ def _load_state(resume: ResumeFile, layers: nn.Module, optimizer, schedule, posi
             if header["fingerprint"] != resume.fingerprint:
                 raise MoyuError(
                     f"{resume.path} holds the recovery state of another run (another model, plan, text or recovery "
-                    f"settings); delete it to start this one from the beginning"
+                    f"settings, dtype); delete it (or pass --no-resume) to start this one from the beginning"
                 )
             tensors = {name: handle.get_tensor(name) for name in handle.keys()}
     except MoyuError:
@@ -153,7 +155,9 @@ def _load_state(resume: ResumeFile, layers: nn.Module, optimizer, schedule, posi
             for name, parameter in layers.named_parameters():
                 parameter.copy_(tensors[f"layers.{name}"])
             for name, buffer in layers.named_buffers():
-                buffer.copy_(tensors[f"buffers.{name}"])
+                # Rebound, not copied in place: a threshold buffer may be the plan's own tensor.
+                owner, _, leaf = name.rpartition(".")
+                setattr(layers.get_submodule(owner), leaf, tensors[f"buffers.{name}"].to(buffer.device, buffer.dtype))
         for name, parameter in layers.named_parameters():
             prefix = f"optimizer.{name}."
             state = {key[len(prefix):]: value for key, value in tensors.items() if key.startswith(prefix)}
@@ -313,6 +317,9 @@ def recover(
     losses: list[float] = []
     coverage: list[tuple[int, float]] = []  # with loss_top_k: (tokens the KL covered, teacher mass on them) per step
     _, layers = find_decoder_layers(student)
+    if resume is not None:
+        # "auto" resolves per machine, and a state trained in one dtype does not continue in another.
+        resume = ResumeFile(resume.path, f"{resume.fingerprint}-{dtype}", resume.every_seconds)
     first, earlier = 0, 0.0  # the first step to run; seconds of training before it (resumed runs)
     if resume is not None and resume.path.exists():
         header = _load_state(resume, layers, optimizer, schedule, positions)
@@ -326,7 +333,7 @@ def recover(
         history = {"seconds": earlier + time.perf_counter() - started, "losses": losses[:completed], "coverage": coverage[:completed]}
         try:
             _save_state(resume, completed, layers, optimizer, snapshot, history)
-        except OSError as exc:
+        except (OSError, SafetensorError) as exc:  # safetensors reports a full disk as its own error
             logger.warning("could not save the recovery state to %s (%s); training goes on without it", resume.path, exc)
             return False
         return True
@@ -402,7 +409,7 @@ def recover(
     except KeyboardInterrupt:
         if resume is None:
             raise
-        if updating or not save(completed, snapshot):
+        if updating or completed == first or not save(completed, snapshot):
             if not resume.path.exists():
                 raise
             raise RecoveryInterrupted(

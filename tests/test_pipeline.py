@@ -238,7 +238,9 @@ def _interrupt_after(steps: int):
     return progress
 
 
-@pytest.mark.parametrize("loss", [{}, {"hold_sparsity": True, "loss_positions": 40}], ids=["plain", "held-positions"])
+@pytest.mark.parametrize(
+    "loss", [{}, {"hold_sparsity": True, "loss_positions": 40}, {"ramp": 0.5, "loss_top_k": 8}], ids=["plain", "held-positions", "ramp-top-k"]
+)
 def test_recovery_resumes_as_if_never_interrupted(loss, tiny_llama, calibrations, tmp_path):
     """Stopped with Ctrl-C after 5 of 12 steps and run again, recovery gives the weights and report of an uninterrupted run."""
     from safetensors.torch import load_file
@@ -285,6 +287,28 @@ def test_finished_recovery_is_kept_when_the_export_fails(tiny_llama, calibration
     assert not recovery_state_path(out).exists()
 
 
+def test_recovery_trains_on_when_its_state_cannot_be_written(tiny_llama, calibrations, tmp_path, monkeypatch, caplog):
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    from moyu_cli.export import recovery_state_path
+
+    def full_disk(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    settings = RecoverySettings(tokens=128 * 4, lr=3e-3, dtype="float32")
+    recipe = load_recipe("teal-uniform").with_sparsity(0.7).model_copy(update={"recovery": settings})
+    out = tmp_path / "out"
+    with caplog.at_level("WARNING", logger="moyu_cli.recover"):
+        config = convert(tiny_llama, calibrations["llama"][1], recipe, out, eval_windows=0)
+    assert config["recovery"]["steps"] == 4
+    assert "could not save the recovery state" in caplog.text
+    assert "No space left on device" in caplog.text
+    assert not recovery_state_path(out).exists()
+    assert list(tmp_path.glob(".*tmp-*")) == []
+
+
 def test_recovery_state_of_another_run_is_refused(tiny_llama, calibrations, tmp_path):
     from moyu_cli.errors import MoyuError, RecoveryInterrupted
     from moyu_cli.export import recovery_state_path
@@ -296,7 +320,7 @@ def test_recovery_state_of_another_run_is_refused(tiny_llama, calibrations, tmp_
         convert(tiny_llama, calibrations["llama"][1], recipe.model_copy(update={"recovery": settings}), out,
                 eval_windows=0, progress=_interrupt_after(2))
     other = recipe.model_copy(update={"recovery": settings.model_copy(update={"lr": 1e-3})})
-    with pytest.raises(MoyuError, match=r"holds the recovery state of another run .*; delete it to start this one"):
+    with pytest.raises(MoyuError, match=r"holds the recovery state of another run .*; delete it \(or pass --no-resume\) to start this one"):
         convert(tiny_llama, calibrations["llama"][1], other, out, eval_windows=0)
     recovery_state_path(out).write_bytes(b"not a safetensors file")
     with pytest.raises(MoyuError, match=r"cannot read the recovery state .*; delete it to start from the beginning"):
