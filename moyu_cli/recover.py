@@ -143,7 +143,7 @@ def _load_state(resume: ResumeFile, layers: nn.Module, optimizer, schedule, posi
             if header["fingerprint"] != resume.fingerprint:
                 raise MoyuError(
                     f"{resume.path} holds the recovery state of another run (another model, plan, text or recovery "
-                    f"settings, dtype); delete it (or pass --no-resume) to start this one from the beginning"
+                    f"settings); delete it (or pass --no-resume) to start this one from the beginning"
                 )
             tensors = {name: handle.get_tensor(name) for name in handle.keys()}
     except MoyuError:
@@ -317,12 +317,15 @@ def recover(
     losses: list[float] = []
     coverage: list[tuple[int, float]] = []  # with loss_top_k: (tokens the KL covered, teacher mass on them) per step
     _, layers = find_decoder_layers(student)
-    if resume is not None:
-        # "auto" resolves per machine, and a state trained in one dtype does not continue in another.
-        resume = ResumeFile(resume.path, f"{resume.fingerprint}-{dtype}", resume.every_seconds)
     first, earlier = 0, 0.0  # the first step to run; seconds of training before it (resumed runs)
     if resume is not None and resume.path.exists():
         header = _load_state(resume, layers, optimizer, schedule, positions)
+        # "auto" resolves per machine, and a run trained in one dtype does not continue in another.
+        if header.get("dtype", dtype) != dtype:
+            raise MoyuError(
+                f"{resume.path} was trained with {header['dtype']} compute, and this run resolves {dtype}; set the recipe's "
+                f"recovery.dtype to {header['dtype']}, or delete the file to start from the beginning"
+            )
         first, earlier = header["step"], header["seconds"]
         losses, coverage = header["losses"], [tuple(entry) for entry in header["coverage"]]
         logger.info("recovery resumes after step %d/%d from %s", first, steps, resume.path)
@@ -330,7 +333,9 @@ def recover(
 
     def save(completed: int, snapshot: _Snapshot) -> bool:
         """Save the state after `completed` steps; on a write error (a full disk) warn, keep training, return False."""
-        history = {"seconds": earlier + time.perf_counter() - started, "losses": losses[:completed], "coverage": coverage[:completed]}
+        history = {
+            "dtype": dtype, "seconds": earlier + time.perf_counter() - started, "losses": losses[:completed], "coverage": coverage[:completed]
+        }
         try:
             _save_state(resume, completed, layers, optimizer, snapshot, history)
         except (OSError, SafetensorError) as exc:  # safetensors reports a full disk as its own error

@@ -309,7 +309,8 @@ def test_recovery_trains_on_when_its_state_cannot_be_written(tiny_llama, calibra
     assert list(tmp_path.glob(".*tmp-*")) == []
 
 
-def test_recovery_state_of_another_run_is_refused(tiny_llama, calibrations, tmp_path):
+def test_recovery_state_of_another_run_is_refused(tiny_llama, calibrations, tmp_path, monkeypatch):
+    import moyu_cli.recover
     from moyu_cli.errors import MoyuError, RecoveryInterrupted
     from moyu_cli.export import recovery_state_path
 
@@ -322,6 +323,11 @@ def test_recovery_state_of_another_run_is_refused(tiny_llama, calibrations, tmp_
     other = recipe.model_copy(update={"recovery": settings.model_copy(update={"lr": 1e-3})})
     with pytest.raises(MoyuError, match=r"holds the recovery state of another run .*; delete it \(or pass --no-resume\) to start this one"):
         convert(tiny_llama, calibrations["llama"][1], other, out, eval_windows=0)
+    # A dtype that resolves otherwise, as "auto" may on another machine.
+    monkeypatch.setattr(moyu_cli.recover, "resolve_dtype", lambda dtype, device: "bfloat16")
+    with pytest.raises(MoyuError, match=r"was trained with float32 compute, and this run resolves bfloat16; set the recipe's recovery.dtype to float32"):
+        convert(tiny_llama, calibrations["llama"][1], recipe.model_copy(update={"recovery": settings}), out, eval_windows=0)
+    monkeypatch.undo()
     recovery_state_path(out).write_bytes(b"not a safetensors file")
     with pytest.raises(MoyuError, match=r"cannot read the recovery state .*; delete it to start from the beginning"):
         convert(tiny_llama, calibrations["llama"][1], other, out, eval_windows=0)
