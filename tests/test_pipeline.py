@@ -287,7 +287,7 @@ def test_finished_recovery_is_kept_when_the_export_fails(tiny_llama, calibration
     assert not recovery_state_path(out).exists()
 
 
-def test_recovery_trains_on_when_its_state_cannot_be_written(tiny_llama, calibrations, tmp_path, monkeypatch, caplog):
+def test_recovery_state_write_error(tiny_llama, calibrations, tmp_path, monkeypatch, caplog):
     import safetensors.torch
     from safetensors import SafetensorError
 
