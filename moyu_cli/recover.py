@@ -28,7 +28,11 @@ most likely tokens at the window's positions, with both distributions renormaliz
 The sparse model's LM head and its backward thus see a few thousand rows, not the whole
 vocabulary. On Gemma 3 270M with k = 64 the union held 5,041 tokens per window and 95.0% of the
 dense probability, and a step took 7.22 s against 14.84 s with the whole vocabulary (2 threads).
-The sparse model is not penalized for probability it puts outside the union.
+The sparse model is not penalized for probability it puts outside the union. With `loss_top_k`
+at every position (no `loss_positions`, no `hidden_weight`), a window that comes again later in
+the run keeps the dense model's final hidden states, top-k tokens and normalizers in memory
+(`TEACHER_CACHE_BYTES` at most), so a run of more tokens than the calibration text holds runs the
+dense model once per distinct window. The steps compute the same values either way.
 
 A run of an hour or more should survive an interruption. With a `ResumeFile`, the trained
 weights, the thresholds, the optimizer state and the loss history go to one safetensors file.
@@ -45,6 +49,7 @@ import math
 import os
 import tempfile
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -73,6 +78,7 @@ class RecoveryReport:
     loss_tokens: float | None = None  # with loss_top_k: mean size of that union per window
     loss_mass: float | None = None  # with loss_top_k: mean share of the dense model's probability on it
     resumed_after: int | None = None  # steps taken from a resume file (None: started from the beginning)
+    teacher_reused: int = 0  # steps that took the dense model's outputs from an earlier step on the same window
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -197,28 +203,48 @@ def _check_head(model: nn.Module, ids: torch.Tensor, hidden: torch.Tensor) -> No
         )
 
 
-def _top_k_kl(
-    student: nn.Module, teacher: nn.Module, student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, k: int, chunk: int = 128
-) -> tuple[torch.Tensor, int, float]:
-    """Return the mean KL(teacher || student) over the union of the teacher's top-`k` tokens, its size, and the teacher's mean mass on it.
+def _teacher_top_k(teacher: nn.Module, teacher_hidden: torch.Tensor, k: int, chunk: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return the union of the teacher's top-`k` tokens over the positions of `teacher_hidden`, and its log-normalizer at each position.
 
-    `student_hidden` and `teacher_hidden` are the final hidden states `[positions, hidden]` at
-    the positions of the loss. Both distributions are renormalized over the union.
+    `teacher_hidden` is the teacher's final hidden states `[positions, hidden]` at the positions of
+    the loss. The full logits are computed in chunks of positions and not kept.
     """
-    positions = teacher_hidden.shape[0]
+    top, normalizers = [], []
     with torch.no_grad():
-        top, normalizers = [], []
-        for start in range(0, positions, chunk):
+        for start in range(0, teacher_hidden.shape[0], chunk):
             logits = head_logits(teacher, teacher_hidden[start : start + chunk]).float()
             normalizers.append(torch.logsumexp(logits, dim=-1))
             top.append(logits.topk(min(k, logits.shape[-1]), dim=-1).indices)
-        tokens = torch.cat(top).unique()
-        teacher_logp = head_logits(teacher, teacher_hidden, tokens).float() - torch.cat(normalizers)[:, None]
+    return torch.cat(top).unique(), torch.cat(normalizers)
+
+
+def _top_k_kl(
+    student: nn.Module,
+    teacher: nn.Module,
+    student_hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    tokens: torch.Tensor,
+    normalizers: torch.Tensor,
+) -> tuple[torch.Tensor, float]:
+    """Return the mean KL(teacher || student) over `tokens`, both distributions renormalized over them, and the teacher's mean mass on them.
+
+    `student_hidden` and `teacher_hidden` are the final hidden states `[positions, hidden]` at the
+    positions of the loss; `tokens` and `normalizers` come from `_teacher_top_k`.
+    """
+    with torch.no_grad():
+        teacher_logp = head_logits(teacher, teacher_hidden, tokens).float() - normalizers[:, None]
         log_mass = torch.logsumexp(teacher_logp, dim=-1, keepdim=True)
         target = teacher_logp - log_mass
     student_logp = F.log_softmax(head_logits(student, student_hidden, tokens).float(), dim=-1)
     kl = (target.exp() * (target - student_logp)).sum(-1).mean()
-    return kl, tokens.numel(), log_mass.exp().mean().item()
+    return kl, log_mass.exp().mean().item()
+
+
+TEACHER_CACHE_BYTES = 4 << 30  # memory for the dense model's outputs on windows that come again
+
+
+def _nbytes(*tensors: torch.Tensor) -> int:
+    return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
 
 
 def _hidden_loss(student_states: tuple, teacher_states: tuple, skip_first: int) -> torch.Tensor:
@@ -346,6 +372,13 @@ def recover(
     student.train()
     teacher.eval()
     autocast = dict(device_type=device_type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+    # With loss_top_k at every position, a window that comes again later (a run of more tokens than
+    # the text holds) keeps the dense model's outputs for it: final hidden states, top-k tokens and
+    # normalizers, up to TEACHER_CACHE_BYTES. The dense model then runs once per distinct window.
+    keys, uses, teacher_cache, cache_size, reused = None, Counter(), {}, 0, 0
+    if loss_top_k is not None and loss_positions is None and hidden_weight == 0:
+        keys = [row.cpu().numpy().tobytes() for row in batch]
+        uses = Counter(keys[first:])
     completed, updating = first, False
     snapshot = _snapshot(layers, schedule, positions) if resume is not None else None
     try:
@@ -361,17 +394,29 @@ def recover(
             if loss_positions is not None:
                 loss_at = skip_first + torch.randperm(scored, generator=positions)[:loss_positions].sort().values
             if loss_top_k is not None:
-                # The decoders' final hidden states; the LM heads run in _top_k_kl.
-                with torch.no_grad(), torch.autocast(**autocast):
-                    target = teacher.get_decoder()(input_ids=ids, use_cache=False, output_hidden_states=hidden)
-                    if step == first:
-                        _check_head(teacher, ids, target.last_hidden_state)
+                # The decoders' final hidden states; the LM heads run in _teacher_top_k and _top_k_kl.
+                cached = teacher_cache.pop(keys[step], None) if keys is not None else None
+                cache_size -= 0 if cached is None else _nbytes(*cached)
+                if cached is None:
+                    with torch.no_grad(), torch.autocast(**autocast):
+                        target = teacher.get_decoder()(input_ids=ids, use_cache=False, output_hidden_states=hidden)
+                        if step == first:
+                            _check_head(teacher, ids, target.last_hidden_state)
+                        teacher_hidden = target.last_hidden_state[0, loss_at]
+                        tokens, normalizers = _teacher_top_k(teacher, teacher_hidden, loss_top_k)
+                else:
+                    teacher_hidden, tokens, normalizers = (tensor.to(ids.device) for tensor in cached)
+                    reused += 1
+                if keys is not None:
+                    uses[keys[step]] -= 1
+                    size = _nbytes(teacher_hidden, tokens, normalizers)
+                    if uses[keys[step]] and cache_size + size <= TEACHER_CACHE_BYTES:
+                        teacher_cache[keys[step]] = tuple(tensor.cpu() for tensor in (teacher_hidden, tokens, normalizers))
+                        cache_size += size
                 with torch.autocast(**autocast):
                     output = student.get_decoder()(input_ids=ids, use_cache=False, output_hidden_states=hidden)
-                    kl, covered, mass = _top_k_kl(
-                        student, teacher, output.last_hidden_state[0, loss_at], target.last_hidden_state[0, loss_at], loss_top_k
-                    )
-                coverage.append((covered, mass))
+                    kl, mass = _top_k_kl(student, teacher, output.last_hidden_state[0, loss_at], teacher_hidden, tokens, normalizers)
+                coverage.append((tokens.numel(), mass))
             else:
                 # The LM head runs only at the positions of the loss (transformers' logits_to_keep).
                 keep = {} if loss_positions is None else {"logits_to_keep": loss_at.to(ids.device)}
@@ -442,4 +487,5 @@ def recover(
         loss_tokens=sum(c for c, _ in coverage) / len(coverage) if coverage else None,
         loss_mass=sum(m for _, m in coverage) / len(coverage) if coverage else None,
         resumed_after=first or None,
+        teacher_reused=reused,
     )

@@ -417,6 +417,27 @@ def test_recovery_loss_top_k_kl(arch, tiny_checkpoints, calibrations):
     assert full.kl_first == pytest.approx(_kl(sparse, dense).item(), rel=1e-4)
 
 
+def test_recovery_reuses_dense_outputs_on_repeated_windows(tiny_llama, calibrations, monkeypatch):
+    """With loss_top_k, a window seen again takes the dense model's outputs from before, and training is the same."""
+    import moyu_cli.recover
+    from moyu_cli.recover import recover
+
+    teacher, cached, uncached = _sparse_copies(tiny_llama, calibrations["llama"][1], 2)
+    windows = torch.randint(3, teacher.config.vocab_size, (3, 48), generator=torch.Generator().manual_seed(0))
+    batch = windows[[0, 1, 2, 1, 0, 2, 0]]
+    report = recover(cached, teacher, batch, 3e-3, "float32", skip_first=1, loss_top_k=4)
+    assert report.teacher_reused == 4
+    calls = []
+    monkeypatch.setattr(moyu_cli.recover, "TEACHER_CACHE_BYTES", 0)
+    monkeypatch.setattr(teacher.model, "forward", lambda *args, forward=teacher.model.forward, **kwargs: calls.append(1) or forward(*args, **kwargs))
+    again = recover(uncached, teacher, batch, 3e-3, "float32", skip_first=1, loss_top_k=4)
+    assert again.teacher_reused == 0
+    assert len(calls) == 7 + 1  # every step, and the first step's LM-head check
+    assert again.kl_last == report.kl_last
+    for (name, expected), actual in zip(uncached.named_parameters(), cached.parameters()):
+        assert torch.equal(actual, expected), name
+
+
 def test_recovery_loss_top_k_needs_plain_lm_head(tiny_llama, calibrations):
     from moyu_cli.errors import MoyuError
     from moyu_cli.recover import recover
