@@ -90,7 +90,7 @@ class ResumeFile:
     """The file `recover` keeps its state in while training, so that an interrupted run resumes from it."""
 
     path: Path
-    fingerprint: str  # identifies the run (model, plan, windows, settings); a file of another run is refused
+    fingerprint: str  # identifies the run (model, plan, windows, settings); a file from a different run is rejected
     every_seconds: float = 600.0  # time between two saves while training
 
 
@@ -126,6 +126,8 @@ def _save_state(resume: ResumeFile, step: int, layers: nn.Module, optimizer, sna
     tensors = {name: tensor.contiguous().cpu() for name, tensor in tensors.items()}
     header = {"fingerprint": resume.fingerprint, "step": step, "schedule": snapshot.schedule} | history
     resume.path.parent.mkdir(parents=True, exist_ok=True)
+    # Written to a temporary path, not through checkpoint.atomic_write_bytes, so that a state of
+    # gigabytes is never held in memory as one bytes object.
     fd, tmp = tempfile.mkstemp(prefix=f".{resume.path.name}.tmp-", dir=resume.path.parent)
     os.close(fd)
     try:
@@ -140,7 +142,7 @@ def _load_state(resume: ResumeFile, layers: nn.Module, optimizer, schedule, posi
     """Restore the state in `resume.path` into `layers`, `optimizer`, `schedule` and the generators; return its header.
 
     Raises:
-        MoyuError: the file is unreadable, of another run, or does not fit the model.
+        MoyuError: the file is invalid, from a different run, or does not fit the model.
     """
     from safetensors import safe_open
 
@@ -149,14 +151,14 @@ def _load_state(resume: ResumeFile, layers: nn.Module, optimizer, schedule, posi
             header = json.loads(handle.metadata()["moyu_recovery"])
             if header["fingerprint"] != resume.fingerprint:
                 raise MoyuError(
-                    f"{resume.path} holds the recovery state of another run (another model, plan, text or recovery "
-                    f"settings); delete it (or pass --no-resume) to start this one from the beginning"
+                    f"{resume.path} contains the recovery state of a different run (another model, plan, text or recovery "
+                    f"settings); delete it or pass --no-resume to start this run from the beginning"
                 )
             tensors = {name: handle.get_tensor(name) for name in handle.keys()}
     except MoyuError:
         raise
     except Exception as exc:  # a truncated or foreign file: safetensors, JSON and key errors
-        raise MoyuError(f"cannot read the recovery state {resume.path} ({exc}); delete it to start from the beginning") from exc
+        raise MoyuError(f"invalid recovery state file {resume.path} ({exc}); delete it to start from the beginning") from exc
     try:
         with torch.no_grad():
             for name, parameter in layers.named_parameters():
@@ -326,7 +328,7 @@ def recover(
     Raises:
         MoyuError: the loss becomes NaN or infinite, the model ignores `logits_to_keep`, (with
             `loss_top_k`) its logits are not its LM head applied to its decoder's output, or the
-            resume file is unreadable or of another run.
+            resume file is invalid or from a different run.
         RecoveryInterrupted: Ctrl-C, with `resume`; the message names the file with the state.
     """
     if dtype not in ("auto", "bfloat16", "float32"):
@@ -359,23 +361,23 @@ def recover(
     started = last_save = time.perf_counter()
 
     def save(completed: int, snapshot: _Snapshot) -> bool:
-        """Save the state after `completed` steps; on a write error (a full disk) warn, keep training, return False."""
+        """Save the state after `completed` steps and return True, or log a write error (a full disk) and return False."""
         history = {
             "dtype": dtype, "seconds": earlier + time.perf_counter() - started, "losses": losses[:completed], "coverage": coverage[:completed]
         }
         try:
             _save_state(resume, completed, layers, optimizer, snapshot, history)
         except (OSError, SafetensorError) as exc:  # safetensors reports a full disk as its own error
-            logger.warning("could not save the recovery state to %s (%s); training goes on without it", resume.path, exc)
+            logger.warning("failed to save the recovery state to %s (%s); training continues without it", resume.path, exc)
             return False
         return True
 
     student.train()
     teacher.eval()
     autocast = dict(device_type=device_type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
-    # With loss_top_k at every position, a window that comes again later (a run of more tokens than
-    # the text holds) keeps the dense model's outputs for it: final hidden states, top-k tokens and
-    # normalizers, up to TEACHER_CACHE_BYTES. The dense model then runs once per distinct window.
+    # With loss_top_k at every position, a window that repeats keeps the dense model's outputs
+    # (final hidden states, top-k tokens, normalizers) up to TEACHER_CACHE_BYTES, because a run of
+    # more tokens than the text contains would otherwise run the dense model on it again.
     keys, uses, teacher_cache, cache_size, reused = None, Counter(), {}, 0, 0
     if loss_top_k is not None and loss_positions is None and hidden_weight == 0:
         keys = [row.cpu().numpy().tobytes() for row in batch]

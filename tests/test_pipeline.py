@@ -241,7 +241,7 @@ def _interrupt_after(steps: int):
 @pytest.mark.parametrize(
     "loss", [{}, {"hold_sparsity": True, "loss_positions": 40}, {"ramp": 0.5, "loss_top_k": 8}], ids=["plain", "held-positions", "ramp-top-k"]
 )
-def test_recovery_resumes_as_if_never_interrupted(loss, tiny_llama, calibrations, tmp_path):
+def test_recovery_resume_matches_uninterrupted(loss, tiny_llama, calibrations, tmp_path):
     """Stopped with Ctrl-C after 5 of 12 steps and run again, recovery gives the weights and report of an uninterrupted run."""
     from safetensors.torch import load_file
 
@@ -269,7 +269,7 @@ def test_recovery_resumes_as_if_never_interrupted(loss, tiny_llama, calibrations
         torch.testing.assert_close(threshold, thresholds[name], rtol=1e-6, atol=1e-7)
 
 
-def test_finished_recovery_is_kept_when_the_export_fails(tiny_llama, calibrations, tmp_path):
+def test_recovery_state_kept_on_export_failure(tiny_llama, calibrations, tmp_path):
     """A conversion that fails after training keeps the state; the next run exports without training again."""
     from moyu_cli.errors import DataError
     from moyu_cli.export import recovery_state_path
@@ -303,13 +303,13 @@ def test_recovery_state_write_error(tiny_llama, calibrations, tmp_path, monkeypa
     with caplog.at_level("WARNING", logger="moyu_cli.recover"):
         config = convert(tiny_llama, calibrations["llama"][1], recipe, out, eval_windows=0)
     assert config["recovery"]["steps"] == 4
-    assert "could not save the recovery state" in caplog.text
+    assert "failed to save the recovery state" in caplog.text
     assert "No space left on device" in caplog.text
     assert not recovery_state_path(out).exists()
     assert list(tmp_path.glob(".*tmp-*")) == []
 
 
-def test_recovery_state_of_another_run_is_refused(tiny_llama, calibrations, tmp_path, monkeypatch):
+def test_recovery_state_other_run_rejected(tiny_llama, calibrations, tmp_path, monkeypatch):
     import moyu_cli.recover
     from moyu_cli.errors import MoyuError, RecoveryInterrupted
     from moyu_cli.export import recovery_state_path
@@ -321,7 +321,7 @@ def test_recovery_state_of_another_run_is_refused(tiny_llama, calibrations, tmp_
         convert(tiny_llama, calibrations["llama"][1], recipe.model_copy(update={"recovery": settings}), out,
                 eval_windows=0, progress=_interrupt_after(2))
     other = recipe.model_copy(update={"recovery": settings.model_copy(update={"lr": 1e-3})})
-    with pytest.raises(MoyuError, match=r"holds the recovery state of another run .*; delete it \(or pass --no-resume\) to start this one"):
+    with pytest.raises(MoyuError, match=r"contains the recovery state of a different run .*; delete it or pass --no-resume to start this run"):
         convert(tiny_llama, calibrations["llama"][1], other, out, eval_windows=0)
     # A dtype that resolves otherwise, as "auto" may on another machine.
     monkeypatch.setattr(moyu_cli.recover, "resolve_dtype", lambda dtype, device: "bfloat16")
@@ -329,7 +329,7 @@ def test_recovery_state_of_another_run_is_refused(tiny_llama, calibrations, tmp_
         convert(tiny_llama, calibrations["llama"][1], recipe.model_copy(update={"recovery": settings}), out, eval_windows=0)
     monkeypatch.undo()
     recovery_state_path(out).write_bytes(b"not a safetensors file")
-    with pytest.raises(MoyuError, match=r"cannot read the recovery state .*; delete it to start from the beginning"):
+    with pytest.raises(MoyuError, match=r"invalid recovery state file .*; delete it to start from the beginning"):
         convert(tiny_llama, calibrations["llama"][1], other, out, eval_windows=0)
     assert not out.exists()
     # --no-resume leaves the file alone and trains from the beginning.
@@ -417,7 +417,7 @@ def test_recovery_loss_top_k_kl(arch, tiny_checkpoints, calibrations):
     assert full.kl_first == pytest.approx(_kl(sparse, dense).item(), rel=1e-4)
 
 
-def test_recovery_reuses_dense_outputs_on_repeated_windows(tiny_llama, calibrations, monkeypatch):
+def test_recovery_reuses_repeated_windows(tiny_llama, calibrations, monkeypatch):
     """With loss_top_k, a window seen again takes the dense model's outputs from before, and training is the same."""
     import moyu_cli.recover
     from moyu_cli.recover import recover
