@@ -172,6 +172,7 @@ def atomic_directory(output: Path) -> Iterator[Path]:
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
     staging.chmod(0o777 & ~_umask())  # mkdtemp creates 0700; give the result the usual permissions
+    backup = None
     try:
         yield staging
         # Some writers (safetensors among them) create files 0600, so every file gets the usual permissions.
@@ -183,12 +184,20 @@ def atomic_directory(output: Path) -> Iterator[Path]:
             backup = output.with_name(f".{output.name}.old-{os.getpid()}")
             os.replace(output, backup)
             os.replace(staging, output)
-            shutil.rmtree(backup, ignore_errors=True) if backup.is_dir() else backup.unlink()
         else:
             os.replace(staging, output)
     except BaseException:
+        # Interrupted between the two renames: the old output goes back where it was.
+        if backup is not None and backup.exists() and not output.exists():
+            os.replace(backup, output)
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    if backup is not None:
+        # The new output is in place; the old one is removed on a best-effort basis.
+        try:
+            shutil.rmtree(backup, ignore_errors=True) if backup.is_dir() else backup.unlink()
+        except OSError as exc:
+            logger.warning("could not remove the previous output, now at %s (%s); delete it by hand", backup, exc)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -198,6 +207,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())  # on disk before the rename, so a power loss leaves the old file or the new one
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:

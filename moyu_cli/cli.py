@@ -204,9 +204,9 @@ def convert(
                          overwrite=overwrite, allow_pickle=allow_pickle, max_ppl_increase=increase, budget_windows=budget_windows,
                          progress=update, resume=resume)
     except RecoveryInterrupted as exc:
-        # Typer turns a plain Ctrl-C into exit code 130 without a word; this one names the file with the state.
-        err_console.print(f"interrupted: {exc}; {output} was not written", markup=False, highlight=False, soft_wrap=True)
-        raise typer.Exit(130) from None
+        _interrupted(f"interrupted: {exc}; {output} was not written")
+    except KeyboardInterrupt:
+        _interrupted(f"interrupted; {output} was not written")
     if as_json:
         print(json.dumps(config, indent=2))
         return
@@ -446,6 +446,17 @@ def bench(
     console.print(modules)
 
 
+_interrupt_reported = False
+
+
+def _interrupted(message: str) -> None:
+    """Print `message` for a Ctrl-C and exit with 130, the shell's code for it."""
+    global _interrupt_reported
+    err_console.print(message, markup=False, highlight=False, soft_wrap=True)
+    _interrupt_reported = True
+    raise typer.Exit(130)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app and turn user errors into one line and exit code 1."""
     logging.basicConfig(level=os.environ.get("MOYU_LOG", "WARNING").upper(), format="%(levelname)s %(name)s: %(message)s")
@@ -459,7 +470,12 @@ def main(argv: list[str] | None = None) -> None:
             raise
         err_console.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(1)
-    except KeyboardInterrupt:
+    except SystemExit as exc:
+        # Typer turns a Ctrl-C into exit code 130 without a word; commands that did not say more say this.
+        if exc.code == 130 and not _interrupt_reported:
+            err_console.print("interrupted; no partial output was left behind")
+        raise
+    except KeyboardInterrupt:  # before Typer runs the command
         err_console.print("interrupted; no partial output was left behind")
         sys.exit(130)
 

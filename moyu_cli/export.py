@@ -286,12 +286,20 @@ class _HoldSparsity:
         return plan, dict(self.skipped)
 
 
-def _fingerprint(model, plan: dict[str, ModulePlan], batch: torch.Tensor, settings) -> str:
-    """Return a SHA-256 of what a recovery run depends on: the weights, the plan, its windows and its settings."""
-    digest = hashlib.sha256(settings.model_dump_json().encode())
+def _fingerprint(model, plan: dict[str, ModulePlan], batch: torch.Tensor, settings, calibration) -> str:
+    """Return a SHA-256 of what a recovery run depends on: weights, calibration, plan, windows and settings.
+
+    The compute dtype is left out: "auto" resolves per machine, and `recover` checks the saved
+    state's resolved dtype itself, with its own message.
+    """
+    digest = hashlib.sha256(settings.model_dump_json(exclude={"dtype"}).encode())
+    # The calibration's metadata (model, text, token count, seed) fixes its statistics, and a
+    # ramp's thresholds come from them. The time the calibration took is left out.
+    digest.update(json.dumps({k: v for k, v in calibration.metadata.items() if k != "seconds"}, sort_keys=True).encode())
 
     def add(tensor: torch.Tensor) -> None:
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy())
+        digest.update(f"{tuple(tensor.shape)} {tensor.dtype}".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
 
     add(batch)
     for name, parameter in model.named_parameters():
@@ -336,7 +344,7 @@ def _recover(
     elif settings.hold_sparsity:
         schedule = _HoldSparsity(student, plan)
     batch = batch[order[:steps]]
-    resume = None if resume_path is None else ResumeFile(Path(resume_path), _fingerprint(model, plan, batch, settings))
+    resume = None if resume_path is None else ResumeFile(Path(resume_path), _fingerprint(model, plan, batch, settings, calibration))
     report = recover(student, model, batch, settings.lr, settings.dtype, settings.seed,
                      skip_first=0 if bos is None else 1, hidden_weight=settings.hidden_weight, schedule=schedule,
                      progress=progress, loss_positions=settings.loss_positions,

@@ -48,9 +48,12 @@ import json
 import logging
 import math
 import os
+import signal
 import tempfile
+import threading
 import time
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -102,15 +105,44 @@ class _Snapshot:
     schedule: dict | None  # the schedule's own state, where it has one (`hold_sparsity`)
     positions: torch.Tensor  # state of the generator that draws the loss positions
     rng: torch.Tensor  # torch's global random state
+    reused: int  # steps so far that reused the dense model's outputs (RecoveryReport.teacher_reused)
 
 
-def _snapshot(layers: nn.Module, schedule, positions: torch.Generator) -> _Snapshot:
+def _snapshot(layers: nn.Module, schedule, positions: torch.Generator, reused: int) -> _Snapshot:
     return _Snapshot(
         buffers={name: buffer.detach().clone() for name, buffer in layers.named_buffers()},
         schedule=schedule.state() if hasattr(schedule, "state") else None,
         positions=positions.get_state(),
         rng=torch.get_rng_state(),
+        reused=reused,
     )
+
+
+@contextmanager
+def _finish_before_interrupt():
+    """Hold back a Ctrl-C until the block has run, so that the block is never left half done.
+
+    Only the main thread receives signals; elsewhere the block runs unguarded.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+    if received:
+        raise KeyboardInterrupt
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Remove temporary state files that a killed run (SIGTERM, SIGKILL, power loss) left beside `path`."""
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):
+        stale.unlink(missing_ok=True)
+        logger.info("removed %s, a state file a killed run did not finish writing", stale)
 
 
 def _save_state(resume: ResumeFile, step: int, layers: nn.Module, optimizer, snapshot: _Snapshot, history: dict) -> None:
@@ -124,7 +156,7 @@ def _save_state(resume: ResumeFile, step: int, layers: nn.Module, optimizer, sna
         tensors |= {f"optimizer.{names[parameter]}.{key}": value for key, value in state.items()}
     tensors |= {"rng.positions": snapshot.positions, "rng.torch": snapshot.rng}
     tensors = {name: tensor.contiguous().cpu() for name, tensor in tensors.items()}
-    header = {"fingerprint": resume.fingerprint, "step": step, "schedule": snapshot.schedule} | history
+    header = {"fingerprint": resume.fingerprint, "step": step, "schedule": snapshot.schedule, "teacher_reused": snapshot.reused} | history
     resume.path.parent.mkdir(parents=True, exist_ok=True)
     # Written to a temporary path, not through checkpoint.atomic_write_bytes, so that a state of
     # gigabytes is never held in memory as one bytes object.
@@ -132,33 +164,65 @@ def _save_state(resume: ResumeFile, step: int, layers: nn.Module, optimizer, sna
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata={"moyu_recovery": json.dumps(header)})
+        # Flushed to disk before the rename, so that a power loss cannot leave an empty file in
+        # place of the last good state.
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
         os.replace(tmp, resume.path)
+        _fsync_directory(resume.path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def _load_state(resume: ResumeFile, layers: nn.Module, optimizer, schedule, positions: torch.Generator) -> dict:
+def _fsync_directory(directory: Path) -> None:
+    """Flush a rename in `directory` to disk, where the platform allows opening a directory."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+HEADER_FIELDS = ("fingerprint", "step", "seconds", "losses", "coverage", "dtype")
+
+
+def _load_state(resume: ResumeFile, layers: nn.Module, optimizer, schedule, positions: torch.Generator, dtype: str) -> dict:
     """Restore the state in `resume.path` into `layers`, `optimizer`, `schedule` and the generators; return its header.
 
     Raises:
-        MoyuError: the file is invalid, from a different run, or does not fit the model.
+        MoyuError: the file is invalid, from a different run, trained in another compute dtype
+            than `dtype`, or does not fit the model. In the first three cases nothing is restored.
     """
     from safetensors import safe_open
 
+    fix = "delete it or pass --no-resume to start this run from the beginning"
     try:
         with safe_open(resume.path, framework="pt") as handle:
-            header = json.loads(handle.metadata()["moyu_recovery"])
+            header = json.loads((handle.metadata() or {}).get("moyu_recovery", "null"))
+            if not isinstance(header, dict) or any(field not in header for field in HEADER_FIELDS):
+                raise ValueError("no moyu recovery header")
             if header["fingerprint"] != resume.fingerprint:
                 raise MoyuError(
-                    f"{resume.path} contains the recovery state of a different run (another model, plan, text or recovery "
-                    f"settings); delete it or pass --no-resume to start this run from the beginning"
+                    f"{resume.path} contains the recovery state of a different run (another model, calibration, plan, text "
+                    f"or recovery settings); {fix}"
+                )
+            # "auto" resolves per machine, and a run trained in one dtype does not continue in another.
+            if header["dtype"] != dtype:
+                raise MoyuError(
+                    f"{resume.path} was trained with {header['dtype']} compute, and this run resolves {dtype}; set the recipe's "
+                    f"recovery.dtype to {header['dtype']} (the run stays the same), or {fix}"
                 )
             tensors = {name: handle.get_tensor(name) for name in handle.keys()}
     except MoyuError:
         raise
     except Exception as exc:  # a truncated or foreign file: safetensors, JSON and key errors
-        raise MoyuError(f"invalid recovery state file {resume.path} ({exc}); delete it to start from the beginning") from exc
+        raise MoyuError(f"invalid recovery state file {resume.path} ({exc}); {fix}") from exc
     try:
         with torch.no_grad():
             for name, parameter in layers.named_parameters():
@@ -175,10 +239,10 @@ def _load_state(resume: ResumeFile, layers: nn.Module, optimizer, schedule, posi
                 optimizer.state[parameter] = {key: value.to(parameter.device) if value.dim() else value for key, value in state.items()}
         positions.set_state(tensors["rng.positions"])
         torch.set_rng_state(tensors["rng.torch"])
-    except (KeyError, RuntimeError) as exc:
-        raise MoyuError(f"the recovery state {resume.path} does not fit this model ({exc}); delete it to start from the beginning") from exc
-    if header.get("schedule") is not None:
-        schedule.restore(header["schedule"])
+        if header.get("schedule") is not None:
+            schedule.restore(header["schedule"])
+    except (KeyError, RuntimeError, TypeError, ValueError) as exc:
+        raise MoyuError(f"the recovery state {resume.path} does not fit this run ({exc}); {fix}") from exc
     return header
 
 
@@ -347,15 +411,12 @@ def recover(
     coverage: list[tuple[int, float]] = []  # with loss_top_k: (tokens the KL covered, teacher mass on them) per step
     _, layers = find_decoder_layers(student)
     first, earlier = 0, 0.0  # the first step to run; seconds of training before it (resumed runs)
+    reused = 0  # steps that took the dense model's outputs from the cache below
+    if resume is not None:
+        _remove_stale_temporaries(resume.path)
     if resume is not None and resume.path.exists():
-        header = _load_state(resume, layers, optimizer, schedule, positions)
-        # "auto" resolves per machine, and a run trained in one dtype does not continue in another.
-        if header.get("dtype", dtype) != dtype:
-            raise MoyuError(
-                f"{resume.path} was trained with {header['dtype']} compute, and this run resolves {dtype}; set the recipe's "
-                f"recovery.dtype to {header['dtype']}, or delete the file to start from the beginning"
-            )
-        first, earlier = header["step"], header["seconds"]
+        header = _load_state(resume, layers, optimizer, schedule, positions, dtype)
+        first, earlier, reused = header["step"], header["seconds"], header.get("teacher_reused", 0)
         losses, coverage = header["losses"], [tuple(entry) for entry in header["coverage"]]
         logger.info("recovery resumes after step %d/%d from %s", first, steps, resume.path)
     started = last_save = time.perf_counter()
@@ -378,12 +439,12 @@ def recover(
     # With loss_top_k at every position, a window that repeats keeps the dense model's outputs
     # (final hidden states, top-k tokens, normalizers) up to TEACHER_CACHE_BYTES, because a run of
     # more tokens than the text contains would otherwise run the dense model on it again.
-    keys, uses, teacher_cache, cache_size, reused = None, Counter(), {}, 0, 0
+    keys, uses, teacher_cache, cache_size = None, Counter(), {}, 0
     if loss_top_k is not None and loss_positions is None and hidden_weight == 0:
         keys = [row.cpu().numpy().tobytes() for row in batch]
         uses = Counter(keys[first:])
-    completed, updating = first, False
-    snapshot = _snapshot(layers, schedule, positions) if resume is not None else None
+    completed = first
+    snapshot = _snapshot(layers, schedule, positions, reused) if resume is not None else None
     try:
         for step in range(first, steps):
             if resume is not None and step > first and time.perf_counter() - last_save >= resume.every_seconds:
@@ -440,19 +501,22 @@ def recover(
             if hidden:
                 loss = loss + hidden_weight * _hidden_loss(output.hidden_states, target.hidden_states, skip_first)
             if not math.isfinite(loss.item()):
-                raise MoyuError(f"recovery loss is {loss.item()} at step {step}; lower the recipe's recovery.lr (now {lr})")
+                fix = f"lower the recipe's recovery.lr (now {lr})"
+                if resume is not None and resume.path.exists():
+                    fix += f" and delete {resume.path}, whose state was trained at this rate"
+                raise MoyuError(f"recovery loss is {loss.item()} at step {step}; {fix}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             scale = min(1.0, (step + 1) / 10) * 0.5 * (1 + math.cos(math.pi * step / steps))
             for group in optimizer.param_groups:
                 group["lr"] = lr * scale
-            losses.append(kl.item())
-            # An interruption from here until `updating` is cleared leaves no consistent state to save.
-            updating = True
-            optimizer.step()
-            if resume is not None:
-                snapshot = _snapshot(layers, schedule, positions)
-            completed, updating = step + 1, False
+            # A Ctrl-C during the update waits for its end: a half-applied update could not be saved.
+            with _finish_before_interrupt():
+                losses.append(kl.item())
+                optimizer.step()
+                if resume is not None:
+                    snapshot = _snapshot(layers, schedule, positions, reused)
+                completed = step + 1
             if progress is not None:
                 progress(step + 1, steps)
             if step % 10 == 0 or step == steps - 1:
@@ -462,7 +526,7 @@ def recover(
     except KeyboardInterrupt:
         if resume is None:
             raise
-        if updating or completed == first or not save(completed, snapshot):
+        if completed == first or not save(completed, snapshot):
             if not resume.path.exists():
                 raise
             raise RecoveryInterrupted(

@@ -232,6 +232,20 @@ def test_convert_recovery_resumes_after_ctrl_c(capsys, tiny_llama, calib, tmp_pa
     assert not state.exists()
 
 
+def test_convert_ctrl_c_before_any_state_says_so(capsys, tiny_llama, calib, tmp_path, monkeypatch):
+    """A Ctrl-C in the first step, with no state saved yet, still prints a line, and writes nothing."""
+    import moyu_cli.recover
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(moyu_cli.recover, "_kl", interrupted)
+    code, _, err = convert_with(capsys, tiny_llama, calib, tmp_path, "recovery: {tokens: 512, lr: 1.0e-3, dtype: float32}\n")
+    assert code == 130
+    assert err.strip() == f"interrupted; {tmp_path / 'out'} was not written"
+    assert list(tmp_path.glob("out*")) == []
+
+
 def test_convert_sequential_after_recovery(capsys, tiny_llama, calib, tmp_path, monkeypatch):
     import moyu_cli.export
 

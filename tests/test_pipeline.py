@@ -261,6 +261,7 @@ def test_recovery_resume_matches_uninterrupted(loss, tiny_llama, calibrations, t
     assert not recovery_state_path(out).exists()
     for key in ("kl_first", "kl_last", "steps", "tokens"):
         assert resumed["recovery"][key] == pytest.approx(whole["recovery"][key], rel=1e-6)
+    assert resumed["recovery"]["teacher_reused"] == whole["recovery"]["teacher_reused"]
     expected, actual = load_file(tmp_path / "whole" / "model.safetensors"), load_file(out / "model.safetensors")
     for name in expected:
         torch.testing.assert_close(actual[name], expected[name], rtol=1e-6, atol=1e-7)
@@ -323,19 +324,104 @@ def test_recovery_state_other_run_rejected(tiny_llama, calibrations, tmp_path, m
     other = recipe.model_copy(update={"recovery": settings.model_copy(update={"lr": 1e-3})})
     with pytest.raises(MoyuError, match=r"contains the recovery state of a different run .*; delete it or pass --no-resume to start this run"):
         convert(tiny_llama, calibrations["llama"][1], other, out, eval_windows=0)
-    # A dtype that resolves otherwise, as "auto" may on another machine.
-    monkeypatch.setattr(moyu_cli.recover, "resolve_dtype", lambda dtype, device: "bfloat16")
-    with pytest.raises(MoyuError, match=r"was trained with float32 compute, and this run resolves bfloat16; set the recipe's recovery.dtype to float32"):
-        convert(tiny_llama, calibrations["llama"][1], recipe.model_copy(update={"recovery": settings}), out, eval_windows=0)
-    monkeypatch.undo()
     recovery_state_path(out).write_bytes(b"not a safetensors file")
-    with pytest.raises(MoyuError, match=r"invalid recovery state file .*; delete it to start from the beginning"):
+    with pytest.raises(MoyuError, match=r"invalid recovery state file .*; delete it or pass --no-resume"):
         convert(tiny_llama, calibrations["llama"][1], other, out, eval_windows=0)
     assert not out.exists()
     # --no-resume leaves the file alone and trains from the beginning.
     config = convert(tiny_llama, calibrations["llama"][1], other, out, eval_windows=0, resume=False)
     assert config["recovery"]["resumed_after"] is None
     assert recovery_state_path(out).read_bytes() == b"not a safetensors file"
+
+
+def test_recovery_state_other_machine_dtype(tiny_llama, calibrations, tmp_path, monkeypatch):
+    """A run with dtype auto, stopped where auto means float32, resumes elsewhere once the recipe names float32."""
+    import moyu_cli.recover
+    from moyu_cli.errors import MoyuError, RecoveryInterrupted
+
+    auto = load_recipe("teal-uniform").with_sparsity(0.7).model_copy(
+        update={"recovery": RecoverySettings(tokens=128 * 4, lr=3e-3, dtype="auto")})
+    out = tmp_path / "out"
+    monkeypatch.setattr(moyu_cli.recover, "resolve_dtype", lambda dtype, device: "float32" if dtype == "auto" else dtype)
+    with pytest.raises(RecoveryInterrupted):
+        convert(tiny_llama, calibrations["llama"][1], auto, out, eval_windows=0, progress=_interrupt_after(2))
+    # Another machine, where auto means bfloat16.
+    monkeypatch.setattr(moyu_cli.recover, "resolve_dtype", lambda dtype, device: "bfloat16" if dtype == "auto" else dtype)
+    with pytest.raises(MoyuError, match=r"was trained with float32 compute, and this run resolves bfloat16; set the recipe's recovery.dtype to float32"):
+        convert(tiny_llama, calibrations["llama"][1], auto, out, eval_windows=0)
+    explicit = auto.model_copy(update={"recovery": auto.recovery.model_copy(update={"dtype": "float32"})})
+    config = convert(tiny_llama, calibrations["llama"][1], explicit, out, eval_windows=0)
+    assert config["recovery"]["resumed_after"] == 2
+
+
+def test_recovery_state_other_calibration_rejected(tiny_llama, calibrations, tmp_path):
+    """A state trained with one calibration is not resumed with another of the same model and text."""
+    from safetensors.torch import save_file
+
+    from moyu_cli.errors import MoyuError, RecoveryInterrupted
+
+    calib = calibrations["llama"][1]
+    with safe_open(calib, framework="pt") as handle:
+        metadata = handle.metadata()
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    moyu = json.loads(metadata["moyu"])
+    # A calibration with another seed; only the time it took differs besides.
+    other = tmp_path / "other.calib"
+    save_file(tensors, other, metadata={"moyu": json.dumps(moyu | {"seed": moyu["seed"] + 1, "seconds": 0.5})})
+    same = tmp_path / "same.calib"
+    save_file(tensors, same, metadata={"moyu": json.dumps(moyu | {"seconds": 123.0})})
+    recipe = load_recipe("teal-uniform").with_sparsity(0.7).model_copy(
+        update={"recovery": RecoverySettings(tokens=128 * 4, lr=3e-3, dtype="float32")})
+    out = tmp_path / "out"
+    with pytest.raises(RecoveryInterrupted):
+        convert(tiny_llama, calib, recipe, out, eval_windows=0, progress=_interrupt_after(2))
+    with pytest.raises(MoyuError, match=r"contains the recovery state of a different run"):
+        convert(tiny_llama, other, recipe, out, eval_windows=0)
+    assert convert(tiny_llama, same, recipe, out, eval_windows=0)["recovery"]["resumed_after"] == 2
+
+
+def test_recovery_ctrl_c_during_update_waits_for_it(tiny_llama, calibrations, tmp_path, monkeypatch):
+    """Ctrl-C inside the optimizer's update takes effect after it, so that step is saved; stale temporaries go."""
+    import signal
+
+    from moyu_cli.errors import RecoveryInterrupted
+    from moyu_cli.export import recovery_state_path
+
+    update, calls = torch.optim.AdamW.step, []
+
+    def step(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            signal.raise_signal(signal.SIGINT)  # delivered while the update runs
+        return update(self, *args, **kwargs)
+
+    recipe = load_recipe("teal-uniform").with_sparsity(0.7).model_copy(
+        update={"recovery": RecoverySettings(tokens=128 * 6, lr=3e-3, dtype="float32")})
+    out = tmp_path / "out"
+    stale = tmp_path / f".{recovery_state_path(out).name}.tmp-killed"
+    stale.write_bytes(b"left by a run killed while saving")
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    with pytest.raises(RecoveryInterrupted, match=r"after step 3 of 6"):
+        convert(tiny_llama, calibrations["llama"][1], recipe, out, eval_windows=0)
+    assert not stale.exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    monkeypatch.undo()
+    assert convert(tiny_llama, calibrations["llama"][1], recipe, out, eval_windows=0)["recovery"]["resumed_after"] == 3
+
+
+def test_recovery_fingerprint_covers_scalar_parameters(calibrations):
+    """A 0-dim parameter is hashed like any other, and changing it changes the fingerprint."""
+    from moyu_cli.export import _fingerprint
+
+    settings = RecoverySettings(tokens=128, lr=1e-3)
+    model = torch.nn.Module()
+    model.scale = torch.nn.Parameter(torch.tensor(1.0))
+    calibration = load_calibration(calibrations["llama"][1])
+    batch = torch.zeros(1, 8, dtype=torch.long)
+    first = _fingerprint(model, {}, batch, settings, calibration)
+    with torch.no_grad():
+        model.scale.fill_(2.0)
+    assert _fingerprint(model, {}, batch, settings, calibration) != first
 
 
 def test_recovery_dtype_auto():
@@ -585,3 +671,35 @@ def test_recovery_holds_sparsity(tiny_llama, calibrations, tmp_path, monkeypatch
 def test_recovery_ramp_and_hold_exclusive():
     with pytest.raises(ValueError, match="hold_sparsity"):
         RecoverySettings(ramp=0.5, hold_sparsity=True)
+
+
+@pytest.mark.parametrize("failing_rename", [1, 2], ids=["old-moved-away", "new-moved-in"])
+def test_atomic_directory_keeps_old_output_when_interrupted(tmp_path, monkeypatch, failing_rename):
+    """Ctrl-C at either rename of a replacement leaves the previous output in place and no temporaries."""
+    import os
+
+    from moyu_cli.checkpoint import atomic_directory
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    replace, calls = os.replace, []
+
+    def interrupted_replace(source, target):
+        calls.append(1)
+        if len(calls) == failing_rename:
+            raise KeyboardInterrupt
+        return replace(source, target)
+
+    monkeypatch.setattr(os, "replace", interrupted_replace)
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_directory(out) as staging:
+            (staging / "new.txt").write_text("new")
+    monkeypatch.undo()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out"]
+    assert [path.name for path in out.iterdir()] == ["old.txt"]
+    # Uninterrupted, the new output replaces the old one, and the old one is gone.
+    with atomic_directory(out) as staging:
+        (staging / "new.txt").write_text("new")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out"]
+    assert [path.name for path in out.iterdir()] == ["new.txt"]
