@@ -122,18 +122,18 @@ def _snapshot(layers: nn.Module, schedule, positions: torch.Generator, reused: i
 def _finish_before_interrupt():
     """Hold back a Ctrl-C until the block has run, so that the block is never left half done.
 
-    Only the main thread receives signals; elsewhere the block runs unguarded.
+    Only Python's default handler is replaced: where SIGINT is ignored (under nohup) or handled by
+    the caller, and off the main thread, which receives no signals, the block runs unguarded.
     """
-    if threading.current_thread() is not threading.main_thread():
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
         yield
         return
     received = []
-    previous = signal.getsignal(signal.SIGINT)
     signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     if received:
         raise KeyboardInterrupt
 

@@ -401,10 +401,15 @@ def test_recovery_ctrl_c_during_update_waits_for_it(tiny_llama, calibrations, tm
     stale = tmp_path / f".{recovery_state_path(out).name}.tmp-killed"
     stale.write_bytes(b"left by a run killed while saving")
     monkeypatch.setattr(torch.optim.AdamW, "step", step)
-    with pytest.raises(RecoveryInterrupted, match=r"after step 3 of 6"):
-        convert(tiny_llama, calibrations["llama"][1], recipe, out, eval_windows=0)
+    # Python's own Ctrl-C handler, also where the suite runs with SIGINT ignored (under nohup).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(RecoveryInterrupted, match=r"after step 3 of 6"):
+            convert(tiny_llama, calibrations["llama"][1], recipe, out, eval_windows=0)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert not stale.exists()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     monkeypatch.undo()
     assert convert(tiny_llama, calibrations["llama"][1], recipe, out, eval_windows=0)["recovery"]["resumed_after"] == 3
 
