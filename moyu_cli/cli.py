@@ -463,6 +463,8 @@ def main(argv: list[str] | None = None) -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # moyu draws its own progress; the per-load weight bars are noise
+    global _interrupt_reported
+    _interrupt_reported = False  # main() runs many times in one process under the tests
     try:
         app(args=argv, prog_name="moyu")
     except (MoyuError, BackendUnavailable) as exc:
@@ -471,7 +473,7 @@ def main(argv: list[str] | None = None) -> None:
         err_console.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(1)
     except SystemExit as exc:
-        # Typer turns a Ctrl-C into exit code 130 without a word; commands that did not say more say this.
+        # Typer turns a Ctrl-C into exit code 130 with no message, so commands that printed none get this one.
         if exc.code == 130 and not _interrupt_reported:
             err_console.print("interrupted; no partial output was left behind")
         raise

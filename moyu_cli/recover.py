@@ -122,8 +122,8 @@ def _snapshot(layers: nn.Module, schedule, positions: torch.Generator, reused: i
 def _finish_before_interrupt():
     """Hold back a Ctrl-C until the block has run, so that the block is never left half done.
 
-    Only Python's default handler is replaced: where SIGINT is ignored (under nohup) or handled by
-    the caller, and off the main thread, which receives no signals, the block runs unguarded.
+    Only Python's default SIGINT handler is replaced. Where SIGINT is ignored (under nohup) or has
+    the caller's handler, or off the main thread (which receives no signals), the block runs as is.
     """
     if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
         yield
@@ -206,7 +206,7 @@ def _load_state(resume: ResumeFile, layers: nn.Module, optimizer, schedule, posi
         with safe_open(resume.path, framework="pt") as handle:
             header = json.loads((handle.metadata() or {}).get("moyu_recovery", "null"))
             if not isinstance(header, dict) or any(field not in header for field in HEADER_FIELDS):
-                raise ValueError("no moyu recovery header")
+                raise ValueError("missing or incomplete moyu_recovery header")
             if header["fingerprint"] != resume.fingerprint:
                 raise MoyuError(
                     f"{resume.path} contains the recovery state of a different run (another model, calibration, plan, text "

@@ -232,7 +232,7 @@ def test_convert_recovery_resumes_after_ctrl_c(capsys, tiny_llama, calib, tmp_pa
     assert not state.exists()
 
 
-def test_convert_ctrl_c_before_any_state_says_so(capsys, tiny_llama, calib, tmp_path, monkeypatch):
+def test_convert_ctrl_c_before_state(capsys, tiny_llama, calib, tmp_path, monkeypatch):
     """A Ctrl-C in the first step, with no state saved yet, still prints a line, and writes nothing."""
     import moyu_cli.recover
 

@@ -334,7 +334,7 @@ def test_recovery_state_other_run_rejected(tiny_llama, calibrations, tmp_path, m
     assert recovery_state_path(out).read_bytes() == b"not a safetensors file"
 
 
-def test_recovery_state_other_machine_dtype(tiny_llama, calibrations, tmp_path, monkeypatch):
+def test_resume_other_machine_dtype(tiny_llama, calibrations, tmp_path, monkeypatch):
     """A run with dtype auto, stopped where auto means float32, resumes elsewhere once the recipe names float32."""
     import moyu_cli.recover
     from moyu_cli.errors import MoyuError, RecoveryInterrupted
@@ -354,7 +354,7 @@ def test_recovery_state_other_machine_dtype(tiny_llama, calibrations, tmp_path, 
     assert config["recovery"]["resumed_after"] == 2
 
 
-def test_recovery_state_other_calibration_rejected(tiny_llama, calibrations, tmp_path):
+def test_resume_rejects_other_calibration(tiny_llama, calibrations, tmp_path):
     """A state trained with one calibration is not resumed with another of the same model and text."""
     from safetensors.torch import save_file
 
@@ -365,7 +365,7 @@ def test_recovery_state_other_calibration_rejected(tiny_llama, calibrations, tmp
         metadata = handle.metadata()
         tensors = {name: handle.get_tensor(name) for name in handle.keys()}
     moyu = json.loads(metadata["moyu"])
-    # A calibration with another seed; only the time it took differs besides.
+    # A calibration with another seed, and one that differs only in the time it took.
     other = tmp_path / "other.calib"
     save_file(tensors, other, metadata={"moyu": json.dumps(moyu | {"seed": moyu["seed"] + 1, "seconds": 0.5})})
     same = tmp_path / "same.calib"
@@ -380,8 +380,8 @@ def test_recovery_state_other_calibration_rejected(tiny_llama, calibrations, tmp
     assert convert(tiny_llama, same, recipe, out, eval_windows=0)["recovery"]["resumed_after"] == 2
 
 
-def test_recovery_ctrl_c_during_update_waits_for_it(tiny_llama, calibrations, tmp_path, monkeypatch):
-    """Ctrl-C inside the optimizer's update takes effect after it, so that step is saved; stale temporaries go."""
+def test_ctrl_c_during_update_saved(tiny_llama, calibrations, tmp_path, monkeypatch):
+    """Ctrl-C inside the optimizer's update takes effect after it, so that step is saved. Stale temporaries are removed."""
     import signal
 
     from moyu_cli.errors import RecoveryInterrupted
@@ -414,7 +414,7 @@ def test_recovery_ctrl_c_during_update_waits_for_it(tiny_llama, calibrations, tm
     assert convert(tiny_llama, calibrations["llama"][1], recipe, out, eval_windows=0)["recovery"]["resumed_after"] == 3
 
 
-def test_recovery_fingerprint_covers_scalar_parameters(calibrations):
+def test_fingerprint_scalar_parameter(calibrations):
     """A 0-dim parameter is hashed like any other, and changing it changes the fingerprint."""
     from moyu_cli.export import _fingerprint
 
@@ -679,7 +679,7 @@ def test_recovery_ramp_and_hold_exclusive():
 
 
 @pytest.mark.parametrize("failing_rename", [1, 2], ids=["old-moved-away", "new-moved-in"])
-def test_atomic_directory_keeps_old_output_when_interrupted(tmp_path, monkeypatch, failing_rename):
+def test_atomic_directory_interrupted_keeps_old(tmp_path, monkeypatch, failing_rename):
     """Ctrl-C at either rename of a replacement leaves the previous output in place and no temporaries."""
     import os
 
